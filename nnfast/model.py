@@ -1,0 +1,274 @@
+"""Sequential: a stack of Dense layers, its forward pass, gradients and weights.
+
+One training iteration, top to bottom::
+
+    Sequential.compute_gradients(X, y, loss)      validate, pick the workspace
+      -> Backend.accumulate_gradients(...)       forward, loss, backward
+           -> _kernels.dense_forward / loss_gradient / dense_backward_*  (nogil)
+    optimizer.step(model)                          average, update, clear
+      -> _kernels.sgd_update / adam_update        (nogil)
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from . import losses as _losses
+from ._validation import as_matrix, check_dtype, check_finite
+from .backends import Workspace, get_backend
+from .layers import SOFTMAX, Dense
+
+# Rows per chunk in predict/evaluate, so a large X never makes a giant temporary.
+_CHUNK_ELEMS = 1 << 20
+
+
+class Sequential:
+    """A multilayer perceptron: ``Dense`` layers applied in order.
+
+    Parameters
+    ----------
+    *layers : Dense
+        The layers; each one's ``in_features`` must equal the previous one's ``units``.
+        ``softmax`` is allowed on the last layer only.
+    dtype : {"float32", "float64"}
+        Precision of parameters and computation.
+    seed : int or None
+        Seed of ``numpy.random.default_rng`` for the initial weights (Glorot/He uniform).
+        The same seed gives the same network on either backend.
+    backend : {"cython", "numpy"}
+        Compiled kernels (default) or the NumPy reference.
+    """
+
+    def __init__(self, *layers: Dense, dtype="float32", seed: Optional[int] = None,
+                 backend: str = "cython"):
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            layers = tuple(layers[0])
+        if not layers:
+            raise ValueError("Sequential needs at least one Dense layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Dense):
+                raise TypeError(f"layers[{i}] must be nnfast.Dense, got {type(layer).__name__}")
+            if i > 0 and layer.in_features != layers[i - 1].units:
+                raise ValueError(f"layers[{i}] expects {layer.in_features} inputs but "
+                                 f"layers[{i - 1}] has {layers[i - 1].units} units")
+            if layer.activation_code == SOFTMAX and i != len(layers) - 1:
+                raise ValueError(f"softmax is allowed on the last layer only (layers[{i}])")
+        if len(set(map(id, layers))) != len(layers):
+            raise ValueError("the same Dense instance appears twice in layers")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        self.layers: List[Dense] = list(layers)
+        self.dtype = check_dtype(dtype)
+        self.seed = seed
+        self._backend = get_backend(backend)
+        rng = np.random.default_rng(seed)
+        for layer in self.layers:
+            layer.build(rng, self.dtype)
+        self._grad_count = 0
+        self._workspace: Optional[Workspace] = None
+        self.loss: Optional[str] = None   # loss of the last fit / compute_gradients
+
+    # --- description -------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @property
+    def n_inputs(self) -> int:
+        return self.layers[0].in_features
+
+    @property
+    def n_outputs(self) -> int:
+        return self.layers[-1].units
+
+    @property
+    def n_params(self) -> int:
+        return sum(layer.n_params for layer in self.layers)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(layer) for layer in self.layers)
+        return f"Sequential({inner}, dtype={self.dtype.name!r}, backend={self.backend!r})"
+
+    # --- workspaces ----------------------------------------------------------------------
+    def _workspace_for(self, m: int) -> Workspace:
+        """Buffers for at least ``m`` rows, allocated once and grown only when needed."""
+        ws = self._workspace
+        if ws is None or ws.capacity < m:
+            ws = self._workspace = Workspace(self.layers, m, self.dtype)
+        return ws
+
+    def _check_loss(self, loss) -> str:
+        if loss is None:
+            if self.loss is None:
+                raise ValueError("loss is required: this model has not been fitted yet")
+            return self.loss
+        name = _losses.check_loss_name(loss)
+        last = self.layers[-1]
+        _losses.check_loss_fits(name, last.activation_code, last.activation)
+        return name
+
+    # --- inference -----------------------------------------------------------------------
+    def _chunk_rows(self) -> int:
+        widest = max(max(layer.units for layer in self.layers), self.n_inputs)
+        return max(1, _CHUNK_ELEMS // widest)
+
+    def predict(self, X) -> np.ndarray:
+        """The last layer's activation for every row of ``X`` (probabilities for softmax
+        and sigmoid), computed in chunks of rows. Returns a new (N, outputs) array."""
+        X = as_matrix(X, "X", self.dtype, self.n_inputs)
+        n = X.shape[0]
+        out = np.empty((n, self.n_outputs), dtype=self.dtype)
+        step = self._chunk_rows()
+        ws = self._workspace_for(min(n, step))
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            Z, A, _ = ws.rows(stop - start)
+            out[start:stop] = self._backend.forward(self.layers, X[start:stop], Z, A)
+        return out
+
+    def evaluate(self, X, y, loss: Optional[str] = None) -> dict:
+        """Loss of the whole set at the current weights (sample mean), plus ``accuracy``
+        for classification losses (argmax for cross-entropy, 0.5 threshold for binary).
+
+        ``loss=None`` means the loss of the last ``fit``."""
+        name = self._check_loss(loss)
+        X = as_matrix(X, "X", self.dtype, self.n_inputs)
+        code, T, labels = _losses.prepare_targets(name, y, X.shape[0], self.n_outputs,
+                                                  self.dtype)
+        return self._evaluate_prepared(X, code, T, labels, name)
+
+    def _evaluate_prepared(self, X, code, T, labels, name) -> dict:
+        n = X.shape[0]
+        step = self._chunk_rows()
+        ws = self._workspace_for(min(n, step))
+        total = 0.0
+        correct = 0
+        last_act = self.layers[-1].activation_code
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            Z, A, G = ws.rows(stop - start)
+            out = self._backend.forward(self.layers, X[start:stop], Z, A)
+            Tc = T[start:stop] if T.shape[0] else T
+            lc = labels[start:stop] if labels.shape[0] else labels
+            total += self._backend.loss_gradient(Z[-1], out, Tc, lc, G[-1], code, last_act)
+            if _losses.is_classification(name):
+                correct += _count_correct(out, Tc, lc, code)
+        result = {"loss": total / n}
+        if _losses.is_classification(name):
+            per_row = n if code != _losses.BINARY_CROSS_ENTROPY else n * self.n_outputs
+            result["accuracy"] = correct / per_row
+        return result
+
+    # --- gradients (the low-level loop) --------------------------------------------------
+    def compute_gradients(self, X, y, loss: str) -> float:
+        """Forward + loss + backward on one batch; add the per-sample gradient sums.
+
+        The buffers hold ``sum_i grad L_i`` and the number of samples seen, so several
+        calls accumulate exactly (a short batch counts by its size). Returns the batch's
+        mean loss. Follow with ``optimizer.step(model)``."""
+        name = self._check_loss(loss)
+        X = as_matrix(X, "X", self.dtype, self.n_inputs)
+        code, T, labels = _losses.prepare_targets(name, y, X.shape[0], self.n_outputs,
+                                                  self.dtype)
+        self.loss = name
+        m = X.shape[0]
+        return self._accumulate(X, T, labels, code, m) / m
+
+    def _accumulate(self, X, T, labels, code, m) -> float:
+        """Validated inputs of ``m`` rows: one iteration, returns the summed loss."""
+        ws = self._workspace_for(m)
+        total = self._backend.accumulate_gradients(self.layers, X, T, labels, code, ws, m)
+        self._grad_count += m
+        return total
+
+    @property
+    def accumulated_samples(self) -> int:
+        """Samples whose gradients are summed in the buffers since the last step."""
+        return self._grad_count
+
+    def gradients(self) -> List[np.ndarray]:
+        """The averaged gradients (sum / samples), laid out like ``get_weights()``."""
+        if self._grad_count == 0:
+            raise ValueError("no gradients accumulated: call compute_gradients first")
+        scale = 1.0 / self._grad_count
+        out = []
+        for layer in self.layers:
+            out.append(layer.dW * scale)
+            out.append(layer.db * scale)
+        return out
+
+    def zero_grad(self) -> None:
+        """Clear the gradient sums and the sample count."""
+        for layer in self.layers:
+            layer.dW.fill(0)
+            layer.db.fill(0)
+        self._grad_count = 0
+
+    def _params_and_grads(self):
+        for layer in self.layers:
+            yield layer.W, layer.dW
+            yield layer.b, layer.db
+
+    # --- weights ---------------------------------------------------------------------------
+    def get_weights(self) -> List[np.ndarray]:
+        """Copies ``[W1 (in, out), b1 (out,), W2, b2, ...]``."""
+        out = []
+        for layer in self.layers:
+            out.append(layer.W.copy())
+            out.append(layer.b.copy())
+        return out
+
+    def set_weights(self, weights: Sequence[np.ndarray]) -> None:
+        """Replace all parameters (copied in, cast to the model dtype), checked first."""
+        if isinstance(weights, np.ndarray) or not isinstance(weights, (list, tuple)):
+            raise TypeError("weights must be a list [W1, b1, W2, b2, ...] of arrays")
+        expected = 2 * len(self.layers)
+        if len(weights) != expected:
+            raise ValueError(f"weights must hold {expected} arrays (W and b per layer), "
+                             f"got {len(weights)}")
+        checked = []
+        for i, (layer, w) in enumerate(zip([l for l in self.layers for _ in (0, 1)], weights)):
+            is_w = i % 2 == 0
+            shape = layer.W.shape if is_w else layer.b.shape
+            name = f"weights[{i}] ({'W' if is_w else 'b'} of layer {i // 2})"
+            arr = np.asarray(w)
+            if arr.dtype == object or arr.dtype.kind not in "biuf":
+                raise TypeError(f"{name} must be a numeric array, got dtype {arr.dtype}")
+            if arr.shape != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+            arr = np.array(arr, dtype=self.dtype, order="C", copy=True)
+            check_finite(arr, name)
+            checked.append(arr)
+        for i, layer in enumerate(self.layers):
+            layer.W[...] = checked[2 * i]
+            layer.b[...] = checked[2 * i + 1]
+
+    # --- training and files ----------------------------------------------------------------
+    def fit(self, X, y, loss: Optional[str] = None, optimizer=None, epochs: int = 1,
+            batch_size: Optional[int] = 32, accumulate: int = 1, shuffle: bool = True,
+            seed: Optional[int] = None, drop_last: bool = False, validation_data=None,
+            callbacks=(), verbose: int = 0):
+        """Train; see :func:`nnfast.training.fit` for every argument. Returns a History."""
+        from .training import fit
+        return fit(self, X, y, loss=loss, optimizer=optimizer, epochs=epochs,
+                   batch_size=batch_size, accumulate=accumulate, shuffle=shuffle, seed=seed,
+                   drop_last=drop_last, validation_data=validation_data, callbacks=callbacks,
+                   verbose=verbose)
+
+    def save(self, path, optimizer=None) -> None:
+        """Write the model (and optionally ``optimizer``'s state) atomically to ``path``."""
+        from .io import save
+        save(self, path, optimizer=optimizer)
+
+    def config(self) -> dict:
+        return {"layers": [layer.config() for layer in self.layers],
+                "dtype": self.dtype.name, "backend": self.backend}
+
+
+def _count_correct(out, T, labels, code) -> int:
+    if code == _losses.CROSS_ENTROPY:
+        return int(np.count_nonzero(out.argmax(axis=1) == labels))
+    if code == _losses.CROSS_ENTROPY_PROBS:
+        return int(np.count_nonzero(out.argmax(axis=1) == T.argmax(axis=1)))
+    return int(np.count_nonzero((out > 0.5) == (T > 0.5)))

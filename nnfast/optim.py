@@ -1,0 +1,186 @@
+"""Optimizers: per-parameter state plus one fused update kernel call per array.
+
+``step(model)`` divides the accumulated gradient sums by the number of samples they
+hold (inside the update pass), applies the update, and clears the sums. The formulas
+are PyTorch's, so runs can be compared step for step (DESIGN §2).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from ._validation import real_number
+
+
+class Optimizer:
+    """Base class: binds to the first model it steps and keeps state per parameter."""
+
+    def __init__(self):
+        self.iterations = 0          # steps taken
+        self._state: List[Dict[str, np.ndarray]] = []
+        self._model_ref = None
+
+    def _bind(self, model) -> None:
+        bound = self._model_ref() if self._model_ref is not None else None
+        if bound is model:
+            return
+        if bound is not None:
+            raise ValueError("this optimizer already holds the state of another model; "
+                             "create a new optimizer for each model")
+        self._model_ref = weakref.ref(model)
+        if not self._state:
+            self._state = [self._new_state(p) for p, _ in model._params_and_grads()]
+
+    def _new_state(self, param: np.ndarray) -> Dict[str, np.ndarray]:
+        return {}
+
+    def step(self, model) -> None:
+        """Update ``model``'s parameters with its averaged accumulated gradient, then
+        clear the gradient sums. Raises ``ValueError`` if nothing was accumulated."""
+        count = model._grad_count
+        if count == 0:
+            raise ValueError("optimizer.step: no gradients accumulated since the last step "
+                             "(call model.compute_gradients first)")
+        self._bind(model)
+        self.iterations += 1
+        scale = 1.0 / count
+        backend = model._backend
+        for state, (param, grad) in zip(self._state, model._params_and_grads()):
+            self._update(backend, param.reshape(-1), grad.reshape(-1), state, scale)
+        model._grad_count = 0
+
+    def _update(self, backend, param, grad, state, scale):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    # --- state for save/checkpoint -------------------------------------------------------
+    def config(self) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def state_arrays(self) -> List[Tuple[str, np.ndarray]]:
+        """(name, array) pairs of the per-parameter state, in parameter order."""
+        out = []
+        for i, state in enumerate(self._state):
+            for key in sorted(state):
+                out.append((f"{i}.{key}", state[key]))
+        return out
+
+    def load_state(self, model, iterations: int, arrays: Dict[str, np.ndarray]) -> None:
+        """Restore state saved by ``state_arrays`` (shapes checked against ``model``)."""
+        self._model_ref = None
+        self._state = []
+        self._bind(model)
+        for i, (state, (param, _)) in enumerate(zip(self._state, model._params_and_grads())):
+            for key in state:
+                name = f"{i}.{key}"
+                if name not in arrays:
+                    raise ValueError(f"optimizer state is missing {name!r}")
+                arr = arrays[name]
+                if arr.shape != state[key].shape:
+                    raise ValueError(f"optimizer state {name!r} has shape {arr.shape}, "
+                                     f"expected {state[key].shape}")
+                state[key][...] = arr
+        self.iterations = int(iterations)
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with PyTorch's momentum/Nesterov/weight-decay rules.
+
+    ``g <- g + weight_decay * theta``; with momentum ``v <- momentum * v + g`` (v starts at
+    zero) and ``g <- g + momentum * v`` (Nesterov) or ``g <- v``; ``theta <- theta - lr * g``.
+    """
+
+    def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0):
+        super().__init__()
+        self.lr = real_number(lr, "lr", low=0)
+        self.momentum = real_number(momentum, "momentum", low=0, high=1, high_open=True)
+        if not isinstance(nesterov, (bool, np.bool_)):
+            raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
+        if nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        self.nesterov = bool(nesterov)
+        self.weight_decay = real_number(weight_decay, "weight_decay", low=0)
+
+    def _new_state(self, param):
+        return {"velocity": np.zeros(param.size, dtype=param.dtype)} if self.momentum else {}
+
+    def _update(self, backend, param, grad, state, scale):
+        velocity = state.get("velocity", param)
+        backend.sgd_update(param, grad, velocity, scale, self.lr, self.momentum,
+                           self.nesterov, self.weight_decay)
+
+    def config(self) -> dict:
+        return {"name": "SGD", "lr": self.lr, "momentum": self.momentum,
+                "nesterov": self.nesterov, "weight_decay": self.weight_decay}
+
+    def __repr__(self):
+        return (f"SGD(lr={self.lr}, momentum={self.momentum}, nesterov={self.nesterov}, "
+                f"weight_decay={self.weight_decay})")
+
+
+class Adam(Optimizer):
+    """Adam with PyTorch's bias-corrected formulas.
+
+    ``weight_decay`` is L2 added to the gradient; with ``decoupled_weight_decay=True`` it
+    is AdamW's decay ``theta <- theta * (1 - lr * weight_decay)`` instead.
+    """
+
+    def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, decoupled_weight_decay: bool = False):
+        super().__init__()
+        self.lr = real_number(lr, "lr", low=0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        self.betas = (real_number(betas[0], "betas[0]", low=0, high=1, high_open=True),
+                      real_number(betas[1], "betas[1]", low=0, high=1, high_open=True))
+        self.eps = real_number(eps, "eps", low=0, low_open=True)
+        self.weight_decay = real_number(weight_decay, "weight_decay", low=0)
+        self.decoupled_weight_decay = bool(decoupled_weight_decay)
+
+    def _new_state(self, param):
+        return {"exp_avg": np.zeros(param.size, dtype=param.dtype),
+                "exp_avg_sq": np.zeros(param.size, dtype=param.dtype)}
+
+    def _update(self, backend, param, grad, state, scale):
+        backend.adam_update(param, grad, state["exp_avg"], state["exp_avg_sq"], scale, self.lr,
+                            self.betas[0], self.betas[1], self.eps, self.weight_decay,
+                            self.decoupled_weight_decay, self.iterations)
+
+    def config(self) -> dict:
+        return {"name": "Adam", "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay,
+                "decoupled_weight_decay": self.decoupled_weight_decay}
+
+    def __repr__(self):
+        return (f"Adam(lr={self.lr}, betas={self.betas}, eps={self.eps}, "
+                f"weight_decay={self.weight_decay}, "
+                f"decoupled_weight_decay={self.decoupled_weight_decay})")
+
+
+def optimizer_from_config(config: dict) -> Optimizer:
+    kwargs = dict(config)
+    name = kwargs.pop("name", None)
+    if name == "SGD":
+        return SGD(**kwargs)
+    if name == "Adam":
+        kwargs["betas"] = tuple(kwargs.get("betas", (0.9, 0.999)))
+        return Adam(**kwargs)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def get_optimizer(optimizer) -> Optimizer:
+    """An Optimizer instance, or the name 'sgd'/'adam' with default settings."""
+    if optimizer is None:
+        return SGD(lr=0.01)
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    if isinstance(optimizer, str):
+        key = optimizer.lower()
+        if key == "sgd":
+            return SGD(lr=0.01)
+        if key == "adam":
+            return Adam()
+        raise ValueError(f"optimizer must be 'sgd', 'adam' or an Optimizer, got {optimizer!r}")
+    raise TypeError(f"optimizer must be an nnfast Optimizer, got {type(optimizer).__name__}")

@@ -1,0 +1,217 @@
+"""The fit loop: epochs, shuffled batches, gradient accumulation, history.
+
+Per epoch: one permutation from the fit's RNG, cut into consecutive batches. Per
+iteration: gather the batch rows, ``model._accumulate`` (forward, loss, backward into
+the gradient sums). Every ``accumulate`` iterations, and at the end of the epoch with
+whatever remains, one optimizer step on ``sum / samples``: so ``k`` micro-batches give
+exactly the step of one batch of their combined size.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from . import losses as _losses
+from ._validation import as_matrix, positive_int
+from .data import batch_bounds, epoch_order, resolve_batch_size
+from .model import _count_correct
+from .optim import get_optimizer
+
+logger = logging.getLogger("nnfast")
+
+
+class DivergenceError(FloatingPointError):
+    """The training loss became NaN or infinite (the model keeps the last good step)."""
+
+
+class History:
+    """What ``fit`` returns.
+
+    Attributes
+    ----------
+    history : dict of lists
+        Per epoch: ``"loss"`` (sample-weighted mean of the epoch's batch losses), and
+        ``"accuracy"``, ``"val_loss"``, ``"val_accuracy"`` where they apply.
+    batch_losses : list of float
+        One mean loss per iteration, over the whole fit.
+    iterations, steps, epochs : int
+        Totals over the fit.
+    """
+
+    def __init__(self):
+        self.history: Dict[str, List[float]] = {}
+        self.batch_losses: List[float] = []
+        self.iterations = 0
+        self.steps = 0
+        self.epochs = 0
+
+    def _log(self, key, value):
+        self.history.setdefault(key, []).append(float(value))
+
+    def __repr__(self):
+        return (f"History(epochs={self.epochs}, iterations={self.iterations}, "
+                f"steps={self.steps}, keys={sorted(self.history)})")
+
+
+def fit(model, X, y, loss=None, optimizer=None, epochs=1, batch_size=32, accumulate=1,
+        shuffle=True, seed=None, drop_last=False, validation_data=None, callbacks=(),
+        verbose=0):
+    """Train ``model`` on ``(X, y)``.
+
+    Parameters
+    ----------
+    loss : {"mse", "cross_entropy", "binary_cross_entropy"}
+        Required unless the model was fitted before (then the same loss is reused).
+    optimizer : Optimizer, "sgd", "adam" or None
+        ``None`` means ``SGD(lr=0.01)``. The optimizer keeps its state across calls.
+    epochs : int
+        Passes over the data.
+    batch_size : int or None
+        Samples per iteration; ``None`` (or more than N) is full batch, 1 is plain SGD.
+    accumulate : int
+        Iterations per step; the step uses the average over all their samples.
+    shuffle, seed : bool, int or None
+        A fresh permutation every epoch from ``numpy.random.default_rng(seed)``.
+    drop_last : bool
+        Drop the last, short batch of each epoch.
+    validation_data : (X_val, y_val) or None
+        Evaluated after every epoch (``val_loss``, ``val_accuracy``).
+    callbacks : sequence
+        Objects with any of ``on_train_begin(model, history)``,
+        ``on_epoch_begin(epoch)``, ``on_epoch_end(epoch, logs)``,
+        ``on_batch_end(iteration, logs)``, ``on_train_end(history)``; an
+        ``on_epoch_end`` returning True stops training.
+    verbose : int
+        0 silent; 1 one log line per epoch (logger ``"nnfast"``, printed to stderr if the
+        application configured no logging).
+
+    Returns
+    -------
+    History
+    """
+    name = model._check_loss(loss)
+    X = as_matrix(X, "X", model.dtype, model.n_inputs)
+    n = X.shape[0]
+    code, T, labels = _losses.prepare_targets(name, y, n, model.n_outputs, model.dtype)
+    epochs = positive_int(epochs, "epochs")
+    accumulate = positive_int(accumulate, "accumulate")
+    bs = resolve_batch_size(n, batch_size)
+    if drop_last and n < bs:
+        raise ValueError(f"drop_last=True with batch_size={bs} > {n} samples leaves no "
+                         "iteration")
+    val = None
+    if validation_data is not None:
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            raise ValueError("validation_data must be a pair (X_val, y_val)")
+        Xv = as_matrix(validation_data[0], "validation_data[0]", model.dtype, model.n_inputs)
+        val = (Xv,) + _losses.prepare_targets(name, validation_data[1], Xv.shape[0],
+                                              model.n_outputs, model.dtype,
+                                              "validation_data[1]")
+    opt = get_optimizer(optimizer)
+    callbacks = list(callbacks or ())
+    if verbose:
+        _ensure_log_handler()
+    model.loss = name
+    classification = _losses.is_classification(name)
+
+    rng = np.random.default_rng(seed)
+    bounds = batch_bounds(n, bs, drop_last)
+    ws = model._workspace_for(bs)
+    if ws.x_batch is None or ws.x_batch.shape[0] < bs:
+        ws.x_batch = np.empty((ws.capacity, model.n_inputs), dtype=model.dtype)
+    if T.shape[0] and (ws.t_batch is None or ws.t_batch.shape[0] < bs):
+        ws.t_batch = np.empty((ws.capacity, model.n_outputs), dtype=model.dtype)
+    if labels.shape[0] and (ws.l_batch is None or ws.l_batch.shape[0] < bs):
+        ws.l_batch = np.empty(ws.capacity, dtype=np.int64)
+    backend = model._backend
+
+    hist = History()
+    model.zero_grad()
+    _call(callbacks, "on_train_begin", model, hist)
+    stop = False
+    for epoch in range(epochs):
+        _call(callbacks, "on_epoch_begin", epoch)
+        order = epoch_order(n, rng, shuffle)
+        epoch_loss = 0.0
+        epoch_correct = 0
+        epoch_seen = 0
+        micro = 0
+        for it, (start, stop_row) in enumerate(bounds):
+            m = stop_row - start
+            if shuffle:
+                idx = order[start:stop_row]
+                xb = ws.x_batch[:m]
+                backend.gather_rows(X, idx, xb)
+                tb, lb = T, labels
+                if T.shape[0]:
+                    tb = ws.t_batch[:m]
+                    backend.gather_rows(T, idx, tb)
+                if labels.shape[0]:
+                    lb = ws.l_batch[:m]
+                    np.take(labels, idx, out=lb)
+            else:
+                xb = X[start:stop_row]
+                tb = T[start:stop_row] if T.shape[0] else T
+                lb = labels[start:stop_row] if labels.shape[0] else labels
+            batch_total = model._accumulate(xb, tb, lb, code, m)
+            if not math.isfinite(batch_total):
+                model.zero_grad()
+                raise DivergenceError(f"loss became {batch_total} at epoch {epoch + 1}, "
+                                      f"iteration {it + 1}; weights are those of the last "
+                                      "good step")
+            batch_loss = batch_total / m
+            hist.batch_losses.append(batch_loss)
+            hist.iterations += 1
+            epoch_loss += batch_total
+            epoch_seen += m
+            if classification:
+                out = model._workspace.A[-1][:m]
+                epoch_correct += _count_correct(out, tb, lb, code)
+            micro += 1
+            if micro == accumulate or it == len(bounds) - 1:
+                opt.step(model)
+                hist.steps += 1
+                micro = 0
+            if callbacks:
+                _call(callbacks, "on_batch_end", hist.iterations - 1, {"loss": batch_loss})
+        hist.epochs += 1
+        logs = {"loss": epoch_loss / epoch_seen}
+        if classification:
+            per = epoch_seen * (model.n_outputs if code == _losses.BINARY_CROSS_ENTROPY else 1)
+            logs["accuracy"] = epoch_correct / per
+        if val is not None:
+            res = model._evaluate_prepared(val[0], val[1], val[2], val[3], name)
+            logs["val_loss"] = res["loss"]
+            if "accuracy" in res:
+                logs["val_accuracy"] = res["accuracy"]
+        for key, value in logs.items():
+            hist._log(key, value)
+        if verbose:
+            logger.info("epoch %d/%d - %s", epoch + 1, epochs,
+                        " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
+        for cb in callbacks:
+            fn = getattr(cb, "on_epoch_end", None)
+            if fn is not None and fn(epoch, logs):
+                stop = True
+        if stop:
+            break
+    _call(callbacks, "on_train_end", hist)
+    return hist
+
+
+def _call(callbacks, method, *args):
+    for cb in callbacks:
+        fn = getattr(cb, method, None)
+        if fn is not None:
+            fn(*args)
+
+
+def _ensure_log_handler():
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
