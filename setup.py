@@ -64,6 +64,8 @@ if native:
 if use_openmp:
     compile_args.append("-fopenmp")
     link_args.append("-fopenmp")
+else:
+    compile_args.append("-fopenmp-simd")  # SIMD pragmas only: no OpenMP runtime needed
 
 directives = {
     "language_level": 3,

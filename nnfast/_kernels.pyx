@@ -22,7 +22,8 @@ Conventions
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport exp, expf, log, logf, tanh, tanhf, sqrt, sqrtf, log1p, log1pf, fabs, fabsf
+from libc.math cimport exp, expf, log, logf, tanh, tanhf, sqrt, sqrtf, log1p, log1pf, fabs, fabsf, isnan, isinf
+from libc.stdlib cimport malloc, calloc, free
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm
@@ -32,6 +33,12 @@ import numpy as np
 cdef extern from "_omp_shim.h":
     int nnf_openmp_enabled() noexcept nogil
     int nnf_omp_max_threads() noexcept nogil
+
+cdef extern from "_simd.h":
+    float nnf_sdot(const float* a, const float* b, long n) noexcept nogil
+    double nnf_ddot(const double* a, const double* b, long n) noexcept nogil
+    void nnf_saxpy(float* y, float alpha, const float* x, long n) noexcept nogil
+    void nnf_daxpy(double* y, double alpha, const double* x, long n) noexcept nogil
 
 # Activation and loss codes shared with nnfast/layers.py and nnfast/losses.py.
 cpdef enum Activation:
@@ -120,6 +127,18 @@ cdef inline floating _fabs(floating x) noexcept nogil:
         return fabsf(x)
     else:
         return fabs(x)
+
+cdef inline floating _dot(const floating* a, const floating* b, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        return nnf_sdot(a, b, n)
+    else:
+        return nnf_ddot(a, b, n)
+
+cdef inline void _axpy(floating* y, floating alpha, const floating* x, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        nnf_saxpy(y, alpha, x, n)
+    else:
+        nnf_daxpy(y, alpha, x, n)
 
 cdef inline floating _sigmoid(floating x) noexcept nogil:
     # two branches so exp never overflows
@@ -284,11 +303,11 @@ cdef void _scale_by_slope(floating* g, floating* a, Py_ssize_t m, int n, int act
             _scale_by_slope_rows(g, a, n, act, lo, hi)
 
 
-cdef void _add_column_sums(floating* g, floating* out, Py_ssize_t m, int n) noexcept nogil:
+cdef void _add_column_sums(const floating* g, floating* out, Py_ssize_t m, int n) noexcept nogil:
     """out[j] += sum_r G[r, j]; rows outer so the inner loop is contiguous."""
     cdef:
         Py_ssize_t r, j
-        floating* gr
+        const floating* gr
     for r in range(m):
         gr = g + r * n
         for j in range(n):
@@ -486,6 +505,25 @@ cdef void _sgd_range(floating* p, floating* gsum, floating* v, floating scale, f
         p[i] = p[i] - lr * g
 
 
+cdef void _sgd_apply(floating* p, floating* gsum, floating* v, Py_ssize_t n, double scale,
+                     double lr, double momentum, bint nesterov, double wd) noexcept nogil:
+    cdef:
+        int nthreads = _threads_for(<double>n)
+        int t
+        Py_ssize_t chunk, lo, hi
+    if nthreads <= 1:
+        _sgd_range(p, gsum, v, <floating>scale, <floating>lr, <floating>momentum, nesterov,
+                   <floating>wd, 0, n)
+        return
+    chunk = (n + nthreads - 1) // nthreads
+    for t in prange(nthreads, num_threads=nthreads, schedule='static'):
+        lo = t * chunk
+        hi = min(n, lo + chunk)
+        if hi > lo:
+            _sgd_range(p, gsum, v, <floating>scale, <floating>lr, <floating>momentum, nesterov,
+                       <floating>wd, lo, hi)
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def sgd_update(floating[::1] param, floating[::1] grad_sum, floating[::1] velocity,
@@ -494,24 +532,11 @@ def sgd_update(floating[::1] param, floating[::1] grad_sum, floating[::1] veloci
 
     param (n,) IN/OUT; grad_sum (n,) IN/OUT; velocity (n,) IN/OUT (unused when
     momentum == 0, pass param); scale = 1 / samples accumulated."""
-    cdef:
-        Py_ssize_t n = param.shape[0], chunk, lo, hi
-        int nthreads = _threads_for(<double>n)
-        int t
+    cdef Py_ssize_t n = param.shape[0]
     _check(n >= 1 and grad_sum.shape[0] == n and velocity.shape[0] == n, "shape mismatch")
     with nogil:
-        if nthreads <= 1:
-            _sgd_range(&param[0], &grad_sum[0], &velocity[0], <floating>scale, <floating>lr,
-                       <floating>momentum, nesterov, <floating>weight_decay, 0, n)
-        else:
-            chunk = (n + nthreads - 1) // nthreads
-            for t in prange(nthreads, num_threads=nthreads, schedule='static'):
-                lo = t * chunk
-                hi = min(n, lo + chunk)
-                if hi > lo:
-                    _sgd_range(&param[0], &grad_sum[0], &velocity[0], <floating>scale,
-                               <floating>lr, <floating>momentum, nesterov,
-                               <floating>weight_decay, lo, hi)
+        _sgd_apply(&param[0], &grad_sum[0], &velocity[0], n, scale, lr, momentum, nesterov,
+                   weight_decay)
 
 
 cdef void _adam_range(floating* p, floating* gsum, floating* m1, floating* m2, floating scale,
@@ -533,6 +558,32 @@ cdef void _adam_range(floating* p, floating* gsum, floating* m1, floating* m2, f
         p[i] = p[i] - step_size * (m1[i] / denom)
 
 
+cdef void _adam_apply(floating* p, floating* gsum, floating* m1, floating* m2, Py_ssize_t n,
+                      double scale, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, bint decoupled, long step) noexcept nogil:
+    """Adam on one array; ``step`` is the 1-based number of this update."""
+    cdef:
+        int nthreads = _threads_for(<double>n)
+        int t
+        Py_ssize_t chunk, lo, hi
+        double bias1 = 1.0 - beta1 ** step
+        floating bias2_sqrt = <floating>sqrt(1.0 - beta2 ** step)
+        floating l2 = <floating>(0.0 if decoupled else weight_decay)
+        floating decay_factor = <floating>((1.0 - lr * weight_decay) if decoupled else 1.0)
+        floating step_size = <floating>(lr / bias1)
+    if nthreads <= 1:
+        _adam_range(p, gsum, m1, m2, <floating>scale, step_size, <floating>beta1,
+                    <floating>beta2, <floating>eps, bias2_sqrt, l2, decay_factor, 0, n)
+        return
+    chunk = (n + nthreads - 1) // nthreads
+    for t in prange(nthreads, num_threads=nthreads, schedule='static'):
+        lo = t * chunk
+        hi = min(n, lo + chunk)
+        if hi > lo:
+            _adam_range(p, gsum, m1, m2, <floating>scale, step_size, <floating>beta1,
+                        <floating>beta2, <floating>eps, bias2_sqrt, l2, decay_factor, lo, hi)
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def adam_update(floating[::1] param, floating[::1] grad_sum, floating[::1] exp_avg,
@@ -541,34 +592,14 @@ def adam_update(floating[::1] param, floating[::1] grad_sum, floating[::1] exp_a
     """PyTorch's Adam (bias-corrected) on g = grad_sum * scale; grad_sum is zeroed.
 
     ``decoupled=True`` is AdamW's decay (param *= 1 - lr*wd); otherwise wd*param is added
-    to g (L2). step is the 1-based step number after this update."""
-    cdef:
-        Py_ssize_t n = param.shape[0], chunk, lo, hi
-        int nthreads = _threads_for(<double>n)
-        int t
-        double bias1 = 1.0 - beta1 ** step
-        double bias2_sqrt = sqrt(1.0 - beta2 ** step)
-        double l2 = 0.0 if decoupled else weight_decay
-        double decay_factor = (1.0 - lr * weight_decay) if decoupled else 1.0
-        floating step_size = <floating>(lr / bias1)
+    to g (L2). step is the 1-based step number of this update."""
+    cdef Py_ssize_t n = param.shape[0]
     _check(n >= 1 and grad_sum.shape[0] == n and exp_avg.shape[0] == n
            and exp_avg_sq.shape[0] == n, "shape mismatch")
     _check(step >= 1, "step must be >= 1")
     with nogil:
-        if nthreads <= 1:
-            _adam_range(&param[0], &grad_sum[0], &exp_avg[0], &exp_avg_sq[0], <floating>scale,
-                        step_size, <floating>beta1, <floating>beta2, <floating>eps,
-                        <floating>bias2_sqrt, <floating>l2, <floating>decay_factor, 0, n)
-        else:
-            chunk = (n + nthreads - 1) // nthreads
-            for t in prange(nthreads, num_threads=nthreads, schedule='static'):
-                lo = t * chunk
-                hi = min(n, lo + chunk)
-                if hi > lo:
-                    _adam_range(&param[0], &grad_sum[0], &exp_avg[0], &exp_avg_sq[0],
-                                <floating>scale, step_size, <floating>beta1, <floating>beta2,
-                                <floating>eps, <floating>bias2_sqrt, <floating>l2,
-                                <floating>decay_factor, lo, hi)
+        _adam_apply(&param[0], &grad_sum[0], &exp_avg[0], &exp_avg_sq[0], n, scale, lr, beta1,
+                    beta2, eps, weight_decay, decoupled, step)
 
 
 # ----------------------------------------------------------------------------------
@@ -591,3 +622,516 @@ def gather_rows(const floating[:, ::1] X, const int64_t[::1] index, floating[:, 
     with nogil:
         for i in range(m):
             memcpy(&out[i, 0], &X[index[i], 0], row_bytes)
+
+
+# ----------------------------------------------------------------------------------
+# whole-network passes: one nogil call per iteration, or per run of iterations
+# ----------------------------------------------------------------------------------
+# Below this batch size the hand-written loops beat BLAS (each weight row is touched
+# once per pass for all rows of the batch, and zero activations are skipped).
+cdef Py_ssize_t SMALL_BATCH = 8
+
+cdef enum OptKind:
+    OPT_NONE = 0
+    OPT_SGD = 1
+    OPT_ADAM = 2
+
+cdef struct OptSpec:
+    int kind
+    double lr, momentum, weight_decay, beta1, beta2, eps
+    bint nesterov, decoupled
+    long step                 # updates done so far
+    # per-step constants of Adam (set by _begin_step)
+    double step_size, bias2_sqrt, l2, decay_factor
+    void** s1                 # per parameter array (W0, b0, W1, b1, ...): velocity/exp_avg
+    void** s2                 # exp_avg_sq
+
+cdef struct Net:
+    int n_layers
+    Py_ssize_t capacity
+    int* width                # n_layers + 1
+    int* act
+    void** W
+    void** b
+    void** dW
+    void** db
+    void** Z
+    void** A
+    void** G
+
+
+cdef void _begin_step(OptSpec* opt) noexcept nogil:
+    opt.step += 1
+    if opt.kind == OPT_ADAM:
+        opt.step_size = opt.lr / (1.0 - opt.beta1 ** opt.step)
+        opt.bias2_sqrt = sqrt(1.0 - opt.beta2 ** opt.step)
+        opt.l2 = 0.0 if opt.decoupled else opt.weight_decay
+        opt.decay_factor = (1.0 - opt.lr * opt.weight_decay) if opt.decoupled else 1.0
+
+
+cdef void _update_range(OptSpec* opt, int j, floating* p, floating* g, double scale,
+                        Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    """Serial optimizer update of elements lo..hi of parameter array j."""
+    cdef floating* s1 = <floating*>opt.s1[j] if opt.s1 != NULL else NULL
+    if opt.kind == OPT_SGD:
+        _sgd_range(p, g, s1 if s1 != NULL else p, <floating>scale, <floating>opt.lr,
+                   <floating>opt.momentum, opt.nesterov, <floating>opt.weight_decay, lo, hi)
+    elif opt.kind == OPT_ADAM:
+        _adam_range(p, g, s1, <floating*>opt.s2[j], <floating>scale, <floating>opt.step_size,
+                    <floating>opt.beta1, <floating>opt.beta2, <floating>opt.eps,
+                    <floating>opt.bias2_sqrt, <floating>opt.l2, <floating>opt.decay_factor,
+                    lo, hi)
+
+
+cdef void _update_array(OptSpec* opt, int j, floating* p, floating* g, Py_ssize_t n,
+                        double scale) noexcept nogil:
+    """Optimizer update of a whole parameter array (split across threads when large)."""
+    cdef floating* s1 = <floating*>opt.s1[j] if opt.s1 != NULL else NULL
+    if opt.kind == OPT_SGD:
+        _sgd_apply(p, g, s1 if s1 != NULL else p, n, scale, opt.lr, opt.momentum,
+                   opt.nesterov, opt.weight_decay)
+    elif opt.kind == OPT_ADAM:
+        _adam_apply(p, g, s1, <floating*>opt.s2[j], n, scale, opt.lr, opt.beta1, opt.beta2,
+                    opt.eps, opt.weight_decay, opt.decoupled, opt.step)
+
+
+cdef void _small_forward(const floating* x, Py_ssize_t m, int k, int n, const floating* w,
+                         floating* z) noexcept nogil:
+    """Z = X @ W for a few rows: W streamed once, row by row; zero inputs skipped."""
+    cdef:
+        Py_ssize_t r, i
+        floating xv
+    memset(z, 0, m * n * sizeof(floating))
+    for i in range(k):
+        for r in range(m):
+            xv = x[r * k + i]
+            if xv != 0:
+                _axpy(z + r * n, xv, w + i * n, n)
+
+
+cdef void _small_backward(const floating* x, const floating* dz, Py_ssize_t m, int k, int n,
+                          floating* w, floating* dw, floating* b, floating* db,
+                          floating* dx, const floating* a_prev, int act_prev,
+                          OptSpec* opt, int jw, bint update, bint fold,
+                          double scale) noexcept nogil:
+    """Backward of one layer for a few rows, one pass over the rows of W:
+    dX (with the previous activation's slope), dW += X^T dZ, then the row's update.
+    With ``fold`` (plain SGD, one micro-batch) W is updated directly, dW untouched."""
+    cdef:
+        Py_ssize_t r, i, j
+        floating xv, sl
+        floating* wi
+        floating* dwi
+        floating neg = <floating>(-opt.lr * scale) if fold else 0
+    for i in range(k):
+        wi = w + i * n
+        dwi = dw + i * n
+        if dx != NULL:
+            for r in range(m):
+                sl = _activation_slope(a_prev[r * k + i], act_prev)
+                dx[r * k + i] = _dot(dz + r * n, wi, n) * sl if sl != 0 else 0
+        for r in range(m):
+            xv = x[r * k + i]
+            if xv != 0:
+                if fold:
+                    _axpy(wi, neg * xv, dz + r * n, n)
+                else:
+                    _axpy(dwi, xv, dz + r * n, n)
+        if update and not fold:
+            _update_range(opt, jw, w, dw, scale, i * n, (i + 1) * n)
+    if fold:
+        for r in range(m):
+            _axpy(b, neg, dz + r * n, n)
+    else:
+        _add_column_sums(dz, db, m, n)
+        if update:
+            _update_range(opt, jw + 1, b, db, scale, 0, n)
+
+
+cdef void _blas_backward(const floating* x, floating* dz, Py_ssize_t m, int k, int n,
+                         floating* w, floating* dw, floating* b, floating* db,
+                         floating* dx, const floating* a_prev, int act_prev,
+                         OptSpec* opt, int jw, bint update, bint fold,
+                         double scale) noexcept nogil:
+    """Backward of one layer with gemm; dX first, since the update changes W."""
+    cdef:
+        Py_ssize_t r
+        floating neg = <floating>(-opt.lr * scale) if fold else 0
+    if dx != NULL:
+        _pgemm(False, True, <int>m, k, n, <floating>1, dz, n, w, n, <floating>0, dx, k)
+        _scale_by_slope(dx, <floating*>a_prev, m, k, act_prev)
+    if fold:
+        # plain SGD folded into the product: W += (-lr/M) X^T dZ
+        _pgemm(True, False, k, n, <int>m, neg, <floating*>x, k, dz, n, <floating>1, w, n)
+        for r in range(m):
+            _axpy(b, neg, dz + r * n, n)
+        return
+    _pgemm(True, False, k, n, <int>m, <floating>1, <floating*>x, k, dz, n, <floating>1, dw, n)
+    _add_column_sums(dz, db, m, n)
+    if update:
+        _update_array(opt, jw, w, dw, <Py_ssize_t>k * n, scale)
+        _update_array(opt, jw + 1, b, db, n, scale)
+
+
+cdef int64_t _count_correct(const floating* a, const floating* t, const int64_t* labels,
+                            Py_ssize_t m, int n, int loss) noexcept nogil:
+    """Rows classified right (argmax, first maximum wins) or, for binary cross-entropy,
+    outputs on the right side of 0.5."""
+    cdef:
+        Py_ssize_t r, j, am, at
+        int64_t c = 0
+        const floating* ar
+        const floating* tr
+    if loss == MSE:
+        return 0
+    for r in range(m):
+        ar = a + r * n
+        if loss == BINARY_CROSS_ENTROPY:
+            tr = t + r * n
+            for j in range(n):
+                c += (ar[j] > 0.5) == (tr[j] > 0.5)
+            continue
+        am = 0
+        for j in range(1, n):
+            if ar[j] > ar[am]:
+                am = j
+        if loss == CROSS_ENTROPY:
+            c += am == labels[r]
+        else:
+            tr = t + r * n
+            at = 0
+            for j in range(1, n):
+                if tr[j] > tr[at]:
+                    at = j
+            c += am == at
+    return c
+
+
+cdef double _net_forward(Net* net, const floating* x, Py_ssize_t m) noexcept nogil:
+    cdef:
+        int l, k, n
+        const floating* inp = x
+    for l in range(net.n_layers):
+        k = net.width[l]
+        n = net.width[l + 1]
+        if m < SMALL_BATCH:
+            _small_forward(inp, m, k, n, <floating*>net.W[l], <floating*>net.Z[l])
+        else:
+            _pgemm(False, False, <int>m, n, k, <floating>1, <floating*>inp, k,
+                   <floating*>net.W[l], n, <floating>0, <floating*>net.Z[l], n)
+        _bias_activate(<floating*>net.Z[l], <floating*>net.b[l], <floating*>net.A[l], m, n,
+                       net.act[l])
+        inp = <floating*>net.A[l]
+    return 0
+
+
+cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floating* t,
+                           const int64_t* labels, int loss, OptSpec* opt, bint update,
+                           bint fold, double scale, int64_t* correct) noexcept nogil:
+    """Forward, loss, backward (and the step when ``update``) for one batch of m rows.
+
+    Returns the summed loss; when it is not finite nothing is accumulated or updated."""
+    cdef:
+        int L = net.n_layers, l, k, n, last = net.n_layers - 1
+        double total
+        const floating* inp
+        floating* dx
+        floating* a_prev
+    _net_forward(net, x, m)
+    total = _loss(<floating*>net.Z[last], <floating*>net.A[last], <floating*>t,
+                  <int64_t*>labels, <floating*>net.G[last], m, net.width[L], loss, net.act[last])
+    if correct != NULL:
+        correct[0] = _count_correct(<floating*>net.A[last], t, labels, m, net.width[L], loss)
+    if isnan(total) or isinf(total):
+        return total
+    if update:
+        _begin_step(opt)
+    for l in range(last, -1, -1):
+        k = net.width[l]
+        n = net.width[l + 1]
+        inp = x if l == 0 else <floating*>net.A[l - 1]
+        dx = <floating*>net.G[l - 1] if l > 0 else NULL
+        a_prev = <floating*>net.A[l - 1] if l > 0 else NULL
+        if m < SMALL_BATCH:
+            _small_backward(inp, <floating*>net.G[l], m, k, n, <floating*>net.W[l],
+                            <floating*>net.dW[l], <floating*>net.b[l], <floating*>net.db[l],
+                            dx, a_prev, net.act[l - 1] if l > 0 else IDENTITY,
+                            opt, 2 * l, update, fold, scale)
+        else:
+            _blas_backward(inp, <floating*>net.G[l], m, k, n, <floating*>net.W[l],
+                           <floating*>net.dW[l], <floating*>net.b[l], <floating*>net.db[l],
+                           dx, a_prev, net.act[l - 1] if l > 0 else IDENTITY,
+                           opt, 2 * l, update, fold, scale)
+    return total
+
+
+cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floating* T,
+                         Py_ssize_t kt, const int64_t* labels, const int64_t* order,
+                         Py_ssize_t n_samples, Py_ssize_t bs, Py_ssize_t it0, Py_ssize_t it1,
+                         Py_ssize_t n_iters, int accumulate, int loss, OptSpec* opt,
+                         bint fold_ok, floating* xbuf, floating* tbuf, int64_t* lbuf,
+                         double* out_loss, int64_t* out_correct, int64_t* group,
+                         int64_t* steps) noexcept nogil:
+    """Iterations it0..it1-1 of an epoch: gather (when ``order``), iterate, step every
+    ``accumulate`` iterations and at the epoch's end. ``group`` = [micro-batches,
+    samples] of the open accumulation group, carried across calls. Returns the index of
+    an iteration whose loss was not finite (it stopped there), else -1."""
+    cdef:
+        Py_ssize_t it, r, start, m, src
+        const floating* xb
+        const floating* tb
+        const int64_t* lb
+        bint update, fold
+        double total
+    for it in range(it0, it1):
+        start = it * bs
+        m = min(bs, n_samples - start)
+        xb = X + start * d
+        tb = T + start * kt if T != NULL else NULL
+        lb = labels + start if labels != NULL else NULL
+        if order != NULL:
+            for r in range(m):
+                src = order[start + r]
+                memcpy(xbuf + r * d, X + src * d, d * sizeof(floating))
+                if T != NULL:
+                    memcpy(tbuf + r * kt, T + src * kt, kt * sizeof(floating))
+                if labels != NULL:
+                    lbuf[r] = labels[src]
+            xb = xbuf
+            tb = tbuf if T != NULL else NULL
+            lb = lbuf if labels != NULL else NULL
+        group[0] += 1
+        group[1] += m
+        update = group[0] == accumulate or it == n_iters - 1
+        fold = fold_ok and update and group[0] == 1
+        total = _net_iteration(net, xb, m, tb, lb, loss, opt, update, fold,
+                               1.0 / group[1], &out_correct[it - it0])
+        out_loss[it - it0] = total
+        if isnan(total) or isinf(total):
+            return it
+        if update:
+            group[0] = 0
+            group[1] = 0
+            steps[0] += 1
+    return -1
+
+
+cdef void* _data(arr):
+    return <void*><size_t>arr.__array_interface__["data"][0]
+
+
+cdef class NetworkPlan:
+    """Raw pointers to one model's parameters, gradient sums and workspace buffers, so
+    that a whole iteration, or a run of them, is a single ``nogil`` call.
+
+    The arrays stay owned by Python (the plan keeps references); the pointers stay valid
+    because parameters are updated in place and workspaces are never resized (a larger
+    batch gets a new workspace and a new plan)."""
+    cdef Net net
+    cdef object _keep
+    cdef readonly bint is64
+    cdef readonly Py_ssize_t capacity
+
+    def __cinit__(self, list Ws, list bs, list dWs, list dbs, list Zs, list As, list Gs,
+                  list acts):
+        cdef int L = len(Ws), l
+        if L < 1 or not (len(bs) == len(dWs) == len(dbs) == len(Zs) == len(As) == len(Gs)
+                         == len(acts) == L):
+            raise ValueError("NetworkPlan: one entry per layer in every list")
+        dtype = Ws[0].dtype
+        if dtype not in (np.float32, np.float64):
+            raise TypeError("NetworkPlan: float32 or float64 parameters")
+        self.is64 = dtype == np.float64
+        self.capacity = Zs[0].shape[0]
+        self._keep = (Ws, bs, dWs, dbs, Zs, As, Gs)
+        for l in range(L):
+            k, n = Ws[l].shape[0], Ws[l].shape[1]
+            if l > 0 and k != Ws[l - 1].shape[1]:
+                raise ValueError("NetworkPlan: layer widths do not chain")
+            shapes = [(Ws[l], (k, n)), (dWs[l], (k, n)), (bs[l], (n,)), (dbs[l], (n,)),
+                      (Zs[l], (self.capacity, n)), (As[l], (self.capacity, n)),
+                      (Gs[l], (self.capacity, n))]
+            for arr, shape in shapes:
+                if (not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.shape != shape
+                        or not arr.flags.c_contiguous or not arr.flags.writeable):
+                    raise ValueError("NetworkPlan: buffers must be writeable C-contiguous "
+                                     f"{dtype} arrays of the layer's shapes")
+            if not (0 <= acts[l] <= SOFTMAX) or (acts[l] == SOFTMAX and l != L - 1):
+                raise ValueError("NetworkPlan: bad activation code")
+        self.net.n_layers = L
+        self.net.capacity = self.capacity
+        self.net.width = <int*>calloc(L + 1, sizeof(int))
+        self.net.act = <int*>calloc(L, sizeof(int))
+        self.net.W = <void**>calloc(L, sizeof(void*))
+        self.net.b = <void**>calloc(L, sizeof(void*))
+        self.net.dW = <void**>calloc(L, sizeof(void*))
+        self.net.db = <void**>calloc(L, sizeof(void*))
+        self.net.Z = <void**>calloc(L, sizeof(void*))
+        self.net.A = <void**>calloc(L, sizeof(void*))
+        self.net.G = <void**>calloc(L, sizeof(void*))
+        if (self.net.width == NULL or self.net.act == NULL or self.net.W == NULL
+                or self.net.b == NULL or self.net.dW == NULL or self.net.db == NULL
+                or self.net.Z == NULL or self.net.A == NULL or self.net.G == NULL):
+            raise MemoryError()
+        self.net.width[0] = Ws[0].shape[0]
+        for l in range(L):
+            self.net.width[l + 1] = Ws[l].shape[1]
+            self.net.act[l] = acts[l]
+            self.net.W[l] = _data(Ws[l])
+            self.net.b[l] = _data(bs[l])
+            self.net.dW[l] = _data(dWs[l])
+            self.net.db[l] = _data(dbs[l])
+            self.net.Z[l] = _data(Zs[l])
+            self.net.A[l] = _data(As[l])
+            self.net.G[l] = _data(Gs[l])
+
+    def __dealloc__(self):
+        free(self.net.width)
+        free(self.net.act)
+        free(self.net.W)
+        free(self.net.b)
+        free(self.net.dW)
+        free(self.net.db)
+        free(self.net.Z)
+        free(self.net.A)
+        free(self.net.G)
+
+    def iteration(self, X, T, labels, int loss):
+        """Forward, loss and backward of one batch (the gradient sums grow, no update).
+        Returns the summed loss."""
+        return _plan_iteration(self, X, T, labels, loss)
+
+    def run(self, X, T, labels, order, Py_ssize_t batch_size, Py_ssize_t it0, Py_ssize_t it1,
+            Py_ssize_t n_iters, int accumulate, int loss, tuple opt, list state1, list state2,
+            xbuf, tbuf, lbuf, double[::1] out_loss, int64_t[::1] out_correct,
+            int64_t[::1] group):
+        """Iterations it0..it1-1 of an epoch in one nogil call (see ``_net_run``).
+
+        ``opt`` = (kind, lr, momentum, nesterov, weight_decay, beta1, beta2, eps,
+        decoupled, steps_so_far); ``state1``/``state2`` the optimizer's per-parameter
+        arrays (flat, parameter order W0, b0, W1, ...) or empty lists.
+        Returns (index of a non-finite iteration or -1, steps taken)."""
+        return _plan_run(self, X, T, labels, order, batch_size, it0, it1, n_iters, accumulate,
+                         loss, opt, state1, state2, xbuf, tbuf, lbuf, out_loss, out_correct,
+                         group)
+
+
+cdef int _check_batch(NetworkPlan plan, Py_ssize_t m, Py_ssize_t d, Py_ssize_t tm,
+                      Py_ssize_t tk, Py_ssize_t lm, int loss, bint is64) except -1:
+    cdef int n_out = plan.net.width[plan.net.n_layers]
+    _check(is64 == plan.is64, "array dtype differs from the model's")
+    _check(1 <= m <= plan.capacity, "batch rows must be in [1, capacity]")
+    _check(d == plan.net.width[0], "X width differs from the first layer's")
+    _check(0 <= loss <= BINARY_CROSS_ENTROPY, "unknown loss code")
+    if loss == CROSS_ENTROPY:
+        _check(lm == m, "labels must have one entry per row")
+    else:
+        _check(tm == m and tk == n_out, "targets must be (rows, outputs)")
+    return 0
+
+
+def _plan_iteration(NetworkPlan plan, const floating[:, ::1] X, const floating[:, ::1] T,
+                    const int64_t[::1] labels, int loss):
+    cdef:
+        Py_ssize_t m = X.shape[0], r
+        int n_out = plan.net.width[plan.net.n_layers]
+        OptSpec opt
+        double total
+    _check_batch(plan, m, X.shape[1], T.shape[0], T.shape[1], labels.shape[0], loss,
+                 sizeof(floating) == 8)
+    if loss == CROSS_ENTROPY:
+        for r in range(m):
+            _check(0 <= labels[r] < n_out, "label out of range")
+    memset(&opt, 0, sizeof(OptSpec))
+    with nogil:
+        total = _net_iteration(&plan.net, &X[0, 0], m,
+                               &T[0, 0] if T.shape[0] > 0 else NULL,
+                               &labels[0] if labels.shape[0] > 0 else NULL,
+                               loss, &opt, False, False, 1.0, NULL)
+    return total
+
+
+def _plan_run(NetworkPlan plan, const floating[:, ::1] X, const floating[:, ::1] T,
+              const int64_t[::1] labels, const int64_t[::1] order, Py_ssize_t bs,
+              Py_ssize_t it0, Py_ssize_t it1, Py_ssize_t n_iters, int accumulate, int loss,
+              tuple opt_args, list state1, list state2, floating[:, ::1] xbuf,
+              floating[:, ::1] tbuf, int64_t[::1] lbuf, double[::1] out_loss,
+              int64_t[::1] out_correct, int64_t[::1] group):
+    cdef:
+        Py_ssize_t n = X.shape[0], d = X.shape[1], kt = T.shape[1], r, failed
+        int n_out = plan.net.width[plan.net.n_layers], L = plan.net.n_layers, j
+        bint shuffled = order.shape[0] > 0
+        OptSpec opt
+        int64_t steps = 0
+        void** s1 = NULL
+        void** s2 = NULL
+        bint fold_ok
+    _check((sizeof(floating) == 8) == plan.is64, "array dtype differs from the model's")
+    _check(n >= 1 and d == plan.net.width[0], "X width differs from the first layer's")
+    _check(0 <= loss <= BINARY_CROSS_ENTROPY, "unknown loss code")
+    _check(1 <= bs <= plan.capacity, "batch_size must be in [1, capacity]")
+    _check(accumulate >= 1, "accumulate must be >= 1")
+    _check(n_iters >= 1 and (n_iters == n // bs or n_iters == (n + bs - 1) // bs),
+           "n_iters must be floor or ceil of rows / batch_size")
+    _check(0 <= it0 <= it1 <= n_iters, "iteration range")
+    _check(out_loss.shape[0] >= it1 - it0 and out_correct.shape[0] >= it1 - it0,
+           "output arrays too short")
+    _check(group.shape[0] == 2 and 0 <= group[0] < accumulate, "group state")
+    if loss == CROSS_ENTROPY:
+        _check(labels.shape[0] == n, "labels must have one entry per row of X")
+        for r in range(n):
+            _check(0 <= labels[r] < n_out, "label out of range")
+    else:
+        _check(T.shape[0] == n and kt == n_out, "targets must be (rows of X, outputs)")
+    if shuffled:
+        _check(order.shape[0] == n, "order must be a permutation of the rows")
+        for r in range(n):
+            _check(0 <= order[r] < n, "order entry out of range")
+        _check(xbuf.shape[0] >= min(bs, n) and xbuf.shape[1] == d, "xbuf shape")
+        if loss == CROSS_ENTROPY:
+            _check(lbuf.shape[0] >= min(bs, n), "lbuf shape")
+        else:
+            _check(tbuf.shape[0] >= min(bs, n) and tbuf.shape[1] == kt, "tbuf shape")
+    memset(&opt, 0, sizeof(OptSpec))
+    (opt.kind, opt.lr, opt.momentum, opt.nesterov, opt.weight_decay, opt.beta1, opt.beta2,
+     opt.eps, opt.decoupled, opt.step) = opt_args
+    _check(opt.kind in (OPT_SGD, OPT_ADAM), "optimizer kind")
+    need1 = opt.kind == OPT_ADAM or opt.momentum != 0
+    need2 = opt.kind == OPT_ADAM
+    for lst, needed in ((state1, need1), (state2, need2)):
+        if needed:
+            _check(len(lst) == 2 * L, "one optimizer state array per parameter")
+            for j in range(2 * L):
+                arr = lst[j]
+                size = plan.net.width[j // 2] * plan.net.width[j // 2 + 1] if j % 2 == 0 \
+                    else plan.net.width[j // 2 + 1]
+                _check(isinstance(arr, np.ndarray) and arr.dtype == (np.float64 if plan.is64
+                       else np.float32) and arr.size == size and arr.flags.c_contiguous
+                       and arr.flags.writeable, "optimizer state array")
+    try:
+        if need1:
+            s1 = <void**>malloc(2 * L * sizeof(void*))
+            for j in range(2 * L):
+                s1[j] = _data(state1[j])
+        if need2:
+            s2 = <void**>malloc(2 * L * sizeof(void*))
+            for j in range(2 * L):
+                s2[j] = _data(state2[j])
+        opt.s1 = s1
+        opt.s2 = s2
+        fold_ok = opt.kind == OPT_SGD and opt.momentum == 0 and opt.weight_decay == 0
+        with nogil:
+            failed = _net_run(&plan.net, &X[0, 0], d, &T[0, 0] if T.shape[0] > 0 else NULL, kt,
+                              &labels[0] if labels.shape[0] > 0 else NULL,
+                              &order[0] if shuffled else NULL, n, bs, it0, it1, n_iters,
+                              accumulate, loss, &opt, fold_ok,
+                              &xbuf[0, 0] if shuffled else NULL,
+                              &tbuf[0, 0] if shuffled and tbuf.shape[0] > 0 else NULL,
+                              &lbuf[0] if shuffled and lbuf.shape[0] > 0 else NULL,
+                              &out_loss[0] if out_loss.shape[0] > 0 else NULL,
+                              &out_correct[0] if out_correct.shape[0] > 0 else NULL,
+                              &group[0], &steps)
+    finally:
+        free(s1)
+        free(s2)
+    return failed, steps

@@ -63,8 +63,9 @@ def batches(X, y=None, batch_size: Optional[int] = 32, shuffle: bool = True,
         if y.ndim < 1 or y.shape[0] != n:
             raise ValueError(f"y has {y.shape[0] if y.ndim else 0} rows but X has {n}")
     bs = resolve_batch_size(n, batch_size)
-    if drop_last and n < bs:
-        raise ValueError(f"drop_last=True with batch_size={bs} > {n} samples leaves no batch")
+    if drop_last and batch_size is not None and batch_size > n:
+        raise ValueError(f"drop_last=True with batch_size={batch_size} > {n} samples leaves "
+                         "no batch")
     order = epoch_order(n, np.random.default_rng(seed), shuffle)
     for start, stop in batch_bounds(n, bs, drop_last):
         if shuffle:

@@ -17,6 +17,7 @@ import numpy as np
 from . import losses as _losses
 from ._validation import as_matrix, check_dtype, check_finite
 from .backends import Workspace, get_backend
+from .backends.base import count_correct
 from .layers import SOFTMAX, Dense
 
 # Rows per chunk in predict/evaluate, so a large X never makes a giant temporary.
@@ -153,7 +154,7 @@ class Sequential:
             lc = labels[start:stop] if labels.shape[0] else labels
             total += self._backend.loss_gradient(Z[-1], out, Tc, lc, G[-1], code, last_act)
             if _losses.is_classification(name):
-                correct += _count_correct(out, Tc, lc, code)
+                correct += count_correct(out, Tc, lc, code)
         result = {"loss": total / n}
         if _losses.is_classification(name):
             per_row = n if code != _losses.BINARY_CROSS_ENTROPY else n * self.n_outputs
@@ -265,10 +266,3 @@ class Sequential:
         return {"layers": [layer.config() for layer in self.layers],
                 "dtype": self.dtype.name, "backend": self.backend}
 
-
-def _count_correct(out, T, labels, code) -> int:
-    if code == _losses.CROSS_ENTROPY:
-        return int(np.count_nonzero(out.argmax(axis=1) == labels))
-    if code == _losses.CROSS_ENTROPY_PROBS:
-        return int(np.count_nonzero(out.argmax(axis=1) == T.argmax(axis=1)))
-    return int(np.count_nonzero((out > 0.5) == (T > 0.5)))

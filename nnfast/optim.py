@@ -54,6 +54,15 @@ class Optimizer:
     def _update(self, backend, param, grad, state, scale):  # pragma: no cover - interface
         raise NotImplementedError
 
+    def kernel_args(self, model):
+        """(hyper-parameter tuple, state arrays 1, state arrays 2) for the compiled
+        training loop, which then applies this optimizer's updates itself."""
+        self._bind(model)
+        return self._kernel_args()
+
+    def _kernel_args(self):  # pragma: no cover - interface
+        raise NotImplementedError
+
     # --- state for save/checkpoint -------------------------------------------------------
     def config(self) -> dict:  # pragma: no cover - interface
         raise NotImplementedError
@@ -111,6 +120,11 @@ class SGD(Optimizer):
         backend.sgd_update(param, grad, velocity, scale, self.lr, self.momentum,
                            self.nesterov, self.weight_decay)
 
+    def _kernel_args(self):
+        args = (1, self.lr, self.momentum, self.nesterov, self.weight_decay, 0.0, 0.0, 0.0,
+                False, self.iterations)
+        return args, [st["velocity"] for st in self._state if "velocity" in st], []
+
     def config(self) -> dict:
         return {"name": "SGD", "lr": self.lr, "momentum": self.momentum,
                 "nesterov": self.nesterov, "weight_decay": self.weight_decay}
@@ -147,6 +161,12 @@ class Adam(Optimizer):
         backend.adam_update(param, grad, state["exp_avg"], state["exp_avg_sq"], scale, self.lr,
                             self.betas[0], self.betas[1], self.eps, self.weight_decay,
                             self.decoupled_weight_decay, self.iterations)
+
+    def _kernel_args(self):
+        args = (2, self.lr, 0.0, False, self.weight_decay, self.betas[0], self.betas[1],
+                self.eps, self.decoupled_weight_decay, self.iterations)
+        return (args, [st["exp_avg"] for st in self._state],
+                [st["exp_avg_sq"] for st in self._state])
 
     def config(self) -> dict:
         return {"name": "Adam", "lr": self.lr, "betas": list(self.betas), "eps": self.eps,

@@ -16,11 +16,11 @@ import numpy as np
 
 from . import losses as _losses
 from ._validation import as_matrix, positive_int
-from .data import batch_bounds, epoch_order, resolve_batch_size
-from .model import _count_correct
+from .data import epoch_order, iterations_per_epoch, resolve_batch_size
 from .optim import get_optimizer
 
 logger = logging.getLogger("nnfast")
+_SAMPLES_PER_CALL = 8192
 
 
 class DivergenceError(FloatingPointError):
@@ -99,9 +99,9 @@ def fit(model, X, y, loss=None, optimizer=None, epochs=1, batch_size=32, accumul
     epochs = positive_int(epochs, "epochs")
     accumulate = positive_int(accumulate, "accumulate")
     bs = resolve_batch_size(n, batch_size)
-    if drop_last and n < bs:
-        raise ValueError(f"drop_last=True with batch_size={bs} > {n} samples leaves no "
-                         "iteration")
+    if drop_last and batch_size is not None and batch_size > n:
+        raise ValueError(f"drop_last=True with batch_size={batch_size} > {n} samples leaves "
+                         "no iteration")
     val = None
     if validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
@@ -118,15 +118,14 @@ def fit(model, X, y, loss=None, optimizer=None, epochs=1, batch_size=32, accumul
     classification = _losses.is_classification(name)
 
     rng = np.random.default_rng(seed)
-    bounds = batch_bounds(n, bs, drop_last)
-    ws = model._workspace_for(bs)
-    if ws.x_batch is None or ws.x_batch.shape[0] < bs:
-        ws.x_batch = np.empty((ws.capacity, model.n_inputs), dtype=model.dtype)
-    if T.shape[0] and (ws.t_batch is None or ws.t_batch.shape[0] < bs):
-        ws.t_batch = np.empty((ws.capacity, model.n_outputs), dtype=model.dtype)
-    if labels.shape[0] and (ws.l_batch is None or ws.l_batch.shape[0] < bs):
-        ws.l_batch = np.empty(ws.capacity, dtype=np.int64)
+    n_iters = iterations_per_epoch(n, bs, drop_last)
+    sizes = np.minimum(bs, n - bs * np.arange(n_iters))      # rows of each iteration
     backend = model._backend
+    # Iterations per compiled call: whole runs of the epoch unless a callback needs
+    # Python after every batch; bounded so Ctrl-C is honoured within a fraction of a second.
+    per_batch = any(hasattr(cb, "on_batch_end") for cb in callbacks)
+    chunk = 1 if per_batch else max(1, _SAMPLES_PER_CALL // bs)
+    no_order = np.empty(0, dtype=np.int64)
 
     hist = History()
     model.zero_grad()
@@ -134,54 +133,33 @@ def fit(model, X, y, loss=None, optimizer=None, epochs=1, batch_size=32, accumul
     stop = False
     for epoch in range(epochs):
         _call(callbacks, "on_epoch_begin", epoch)
-        order = epoch_order(n, rng, shuffle)
-        epoch_loss = 0.0
-        epoch_correct = 0
-        epoch_seen = 0
-        micro = 0
-        for it, (start, stop_row) in enumerate(bounds):
-            m = stop_row - start
-            if shuffle:
-                idx = order[start:stop_row]
-                xb = ws.x_batch[:m]
-                backend.gather_rows(X, idx, xb)
-                tb, lb = T, labels
-                if T.shape[0]:
-                    tb = ws.t_batch[:m]
-                    backend.gather_rows(T, idx, tb)
-                if labels.shape[0]:
-                    lb = ws.l_batch[:m]
-                    np.take(labels, idx, out=lb)
-            else:
-                xb = X[start:stop_row]
-                tb = T[start:stop_row] if T.shape[0] else T
-                lb = labels[start:stop_row] if labels.shape[0] else labels
-            batch_total = model._accumulate(xb, tb, lb, code, m)
-            if not math.isfinite(batch_total):
+        order = epoch_order(n, rng, shuffle).astype(np.int64, copy=False) if shuffle else no_order
+        out_loss = np.empty(n_iters)
+        out_correct = np.zeros(n_iters, dtype=np.int64)
+        group = np.zeros(2, dtype=np.int64)
+        for it0 in range(0, n_iters, chunk):
+            it1 = min(n_iters, it0 + chunk)
+            failed, steps = backend.run_iterations(
+                model, X, T, labels, order, bs, it0, it1, n_iters, accumulate, code, opt,
+                group, out_loss[it0:it1], out_correct[it0:it1])
+            hist.steps += steps
+            done = (failed if failed >= 0 else it1) - it0
+            hist.iterations += done
+            hist.batch_losses.extend((out_loss[it0:it0 + done] / sizes[it0:it0 + done]).tolist())
+            if failed >= 0:
                 model.zero_grad()
-                raise DivergenceError(f"loss became {batch_total} at epoch {epoch + 1}, "
-                                      f"iteration {it + 1}; weights are those of the last "
-                                      "good step")
-            batch_loss = batch_total / m
-            hist.batch_losses.append(batch_loss)
-            hist.iterations += 1
-            epoch_loss += batch_total
-            epoch_seen += m
-            if classification:
-                out = model._workspace.A[-1][:m]
-                epoch_correct += _count_correct(out, tb, lb, code)
-            micro += 1
-            if micro == accumulate or it == len(bounds) - 1:
-                opt.step(model)
-                hist.steps += 1
-                micro = 0
-            if callbacks:
-                _call(callbacks, "on_batch_end", hist.iterations - 1, {"loss": batch_loss})
+                raise DivergenceError(f"loss became {out_loss[failed - it0]} at epoch "
+                                      f"{epoch + 1}, iteration {failed + 1}; weights are those "
+                                      "of the last good step")
+            if per_batch:
+                _call(callbacks, "on_batch_end", hist.iterations - 1,
+                      {"loss": hist.batch_losses[-1]})
         hist.epochs += 1
-        logs = {"loss": epoch_loss / epoch_seen}
+        seen = int(sizes.sum())
+        logs = {"loss": float(out_loss.sum()) / seen}
         if classification:
-            per = epoch_seen * (model.n_outputs if code == _losses.BINARY_CROSS_ENTROPY else 1)
-            logs["accuracy"] = epoch_correct / per
+            per = seen * (model.n_outputs if code == _losses.BINARY_CROSS_ENTROPY else 1)
+            logs["accuracy"] = int(out_correct.sum()) / per
         if val is not None:
             res = model._evaluate_prepared(val[0], val[1], val[2], val[3], name)
             logs["val_loss"] = res["loss"]

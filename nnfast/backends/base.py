@@ -36,6 +36,15 @@ class Workspace:
         self.x_batch = None   # gathered input rows (fit's shuffled batches)
         self.t_batch = None   # gathered target rows
         self.l_batch = None   # gathered integer labels
+        self.plan = None      # backend-specific handle on these buffers (compiled backend)
+
+    def batch_buffers(self, n_inputs, n_outputs, dtype):
+        """The gather buffers for shuffled batches, allocated on first use."""
+        if self.x_batch is None:
+            self.x_batch = np.empty((self.capacity, n_inputs), dtype=dtype)
+            self.t_batch = np.empty((self.capacity, n_outputs), dtype=dtype)
+            self.l_batch = np.empty(self.capacity, dtype=np.int64)
+        return self.x_batch, self.t_batch, self.l_batch
 
     def rows(self, m):
         """Views of the first ``m`` rows of every buffer: (Z, A, G) lists."""
@@ -108,4 +117,63 @@ class Backend:
         return total
 
 
-__all__ = ["Backend", "Workspace", "IDENTITY", "SOFTMAX"]
+    def run_iterations(self, model, X, T, labels, order, batch_size, it0, it1, n_iters,
+                       accumulate, loss, optimizer, group, out_loss, out_correct):
+        """Iterations ``it0..it1-1`` of one epoch of ``fit``.
+
+        Batch ``it`` is rows ``order[it*bs:(it+1)*bs]`` of X/T/labels (consecutive rows
+        when ``order`` is empty). ``group`` = [micro-batches, samples] of the open
+        accumulation group, updated in place; a step is taken when it reaches
+        ``accumulate`` micro-batches and at the epoch's last iteration. Writes each
+        iteration's summed loss and correct count; returns (index of the iteration whose
+        loss was not finite, or -1; steps taken)."""
+        ws = model._workspace_for(batch_size)
+        xbuf, tbuf, lbuf = ws.batch_buffers(model.n_inputs, model.n_outputs, model.dtype)
+        n = X.shape[0]
+        steps = 0
+        for it in range(it0, it1):
+            start = it * batch_size
+            stop = min(n, start + batch_size)
+            m = stop - start
+            if order.shape[0]:
+                idx = order[start:stop]
+                xb = xbuf[:m]
+                self.gather_rows(X, idx, xb)
+                tb, lb = T, labels
+                if T.shape[0]:
+                    tb = tbuf[:m]
+                    self.gather_rows(T, idx, tb)
+                if labels.shape[0]:
+                    lb = lbuf[:m]
+                    np.take(labels, idx, out=lb)
+            else:
+                xb = X[start:stop]
+                tb = T[start:stop] if T.shape[0] else T
+                lb = labels[start:stop] if labels.shape[0] else labels
+            total = model._accumulate(xb, tb, lb, loss, m)
+            out_loss[it - it0] = total
+            out_correct[it - it0] = count_correct(model._workspace.A[-1][:m], tb, lb, loss)
+            if not np.isfinite(total):
+                return it, steps
+            group[0] += 1
+            group[1] += m
+            if group[0] == accumulate or it == n_iters - 1:
+                optimizer.step(model)
+                group[:] = 0
+                steps += 1
+        return -1, steps
+
+
+def count_correct(out, T, labels, loss) -> int:
+    """Rows classified right (argmax), or outputs on the right side of 0.5 (binary)."""
+    from ..losses import BINARY_CROSS_ENTROPY, CROSS_ENTROPY, CROSS_ENTROPY_PROBS
+    if loss == CROSS_ENTROPY:
+        return int(np.count_nonzero(out.argmax(axis=1) == labels))
+    if loss == CROSS_ENTROPY_PROBS:
+        return int(np.count_nonzero(out.argmax(axis=1) == T.argmax(axis=1)))
+    if loss == BINARY_CROSS_ENTROPY:
+        return int(np.count_nonzero((out > 0.5) == (T > 0.5)))
+    return 0
+
+
+__all__ = ["Backend", "Workspace", "count_correct"]

@@ -1,4 +1,8 @@
-"""The compiled backend: each operation is one call into :mod:`nnfast._kernels`."""
+"""The compiled backend: each operation is one call into :mod:`nnfast._kernels`, and a
+whole iteration (or a run of iterations of an epoch) is one ``nogil`` call through a
+``NetworkPlan`` holding pointers to the model's buffers."""
+import numpy as np
+
 from .. import _threads
 from .base import Backend
 
@@ -26,3 +30,26 @@ class CythonBackend(Backend):
     sgd_update = staticmethod(_kernels.sgd_update) if _kernels else None
     adam_update = staticmethod(_kernels.adam_update) if _kernels else None
     gather_rows = staticmethod(_kernels.gather_rows) if _kernels else None
+
+    @staticmethod
+    def _plan(layers, ws):
+        if ws.plan is None:
+            ws.plan = _kernels.NetworkPlan(
+                [l.W for l in layers], [l.b for l in layers], [l.dW for l in layers],
+                [l.db for l in layers], ws.Z, ws.A, ws.G, [l.activation_code for l in layers])
+        return ws.plan
+
+    def accumulate_gradients(self, layers, X, T, labels, loss, ws, m):
+        return self._plan(layers, ws).iteration(X, T, labels, loss)
+
+    def run_iterations(self, model, X, T, labels, order, batch_size, it0, it1, n_iters,
+                       accumulate, loss, optimizer, group, out_loss, out_correct):
+        ws = model._workspace_for(batch_size)
+        xbuf, tbuf, lbuf = ws.batch_buffers(model.n_inputs, model.n_outputs, model.dtype)
+        args, state1, state2 = optimizer.kernel_args(model)
+        failed, steps = self._plan(model.layers, ws).run(
+            X, T, labels, order, batch_size, it0, it1, n_iters, accumulate, loss, args,
+            state1, state2, xbuf, tbuf, lbuf, out_loss, out_correct, group)
+        optimizer.iterations += steps
+        model._grad_count = int(group[1])
+        return failed, steps
