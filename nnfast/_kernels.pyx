@@ -58,7 +58,7 @@ cpdef enum Loss:
 cdef double LEAKY_SLOPE = 0.01  # PyTorch's default negative slope
 # Below these sizes a parallel region costs more than it saves (measured on 2 cores).
 cdef double PAR_MIN_ELEMS = 32768
-cdef double PAR_MIN_FLOPS = 4000000.0
+cdef double PAR_MIN_FLOPS = 1000000.0
 
 cdef int _num_threads = 1
 
@@ -629,7 +629,18 @@ def gather_rows(const floating[:, ::1] X, const int64_t[::1] index, floating[:, 
 # ----------------------------------------------------------------------------------
 # Below this batch size the hand-written loops beat BLAS (each weight row is touched
 # once per pass for all rows of the batch, and zero activations are skipped).
-cdef Py_ssize_t SMALL_BATCH = 8
+cdef Py_ssize_t SMALL_BATCH = 4
+
+
+def _set_small_batch_limit(Py_ssize_t n):
+    """Batches of fewer rows than this use the hand loops (for measuring the crossover;
+    plans made afterwards size their scratch for it). Returns the previous limit."""
+    global SMALL_BATCH
+    if n < 1 or n > 4096:
+        raise ValueError("limit must be in [1, 4096]")
+    old = SMALL_BATCH
+    SMALL_BATCH = n
+    return old
 
 cdef enum OptKind:
     OPT_NONE = 0
@@ -658,6 +669,8 @@ cdef struct Net:
     void** Z
     void** A
     void** G
+    void* scratch             # per-thread partial outputs of the small-batch forward
+    int scratch_threads       # threads the scratch has room for
 
 
 cdef void _begin_step(OptSpec* opt) noexcept nogil:
@@ -695,37 +708,68 @@ cdef void _update_array(OptSpec* opt, int j, floating* p, floating* g, Py_ssize_
                     opt.eps, opt.weight_decay, opt.decoupled, opt.step)
 
 
-cdef void _small_forward(const floating* x, Py_ssize_t m, int k, int n, const floating* w,
-                         floating* z) noexcept nogil:
-    """Z = X @ W for a few rows: W streamed once, row by row; zero inputs skipped."""
+cdef void _small_forward_rows(const floating* x, Py_ssize_t m, int k, int n,
+                              const floating* w, floating* z, Py_ssize_t i0,
+                              Py_ssize_t i1) noexcept nogil:
+    """Z = X[:, i0:i1] @ W[i0:i1] for a few rows: W's rows streamed once, zero inputs
+    skipped."""
     cdef:
         Py_ssize_t r, i
         floating xv
     memset(z, 0, m * n * sizeof(floating))
-    for i in range(k):
+    for i in range(i0, i1):
         for r in range(m):
             xv = x[r * k + i]
             if xv != 0:
                 _axpy(z + r * n, xv, w + i * n, n)
 
 
-cdef void _small_backward(const floating* x, const floating* dz, Py_ssize_t m, int k, int n,
-                          floating* w, floating* dw, floating* b, floating* db,
-                          floating* dx, const floating* a_prev, int act_prev,
-                          OptSpec* opt, int jw, bint update, bint fold,
-                          double scale) noexcept nogil:
-    """Backward of one layer for a few rows, one pass over the rows of W:
-    dX (with the previous activation's slope), dW += X^T dZ, then the row's update.
-    With ``fold`` (plain SGD, one micro-batch) W is updated directly, dW untouched."""
+cdef inline int _small_threads(Net* net, int k, int n) noexcept nogil:
+    """Threads for a small-batch layer pass: each takes a fixed block of W's rows, so in
+    forward, backward and update every core touches only its own rows (they stay in
+    that core's cache)."""
+    cdef int t = min(_num_threads, net.scratch_threads)
+    if <double>k * n < PAR_MIN_ELEMS or t < 2:
+        return 1
+    return min(t, k)
+
+
+cdef void _small_forward(Net* net, const floating* x, Py_ssize_t m, int k, int n,
+                         const floating* w, floating* z) noexcept nogil:
     cdef:
-        Py_ssize_t r, i, j
+        int nthreads = _small_threads(net, k, n), t
+        Py_ssize_t chunk, lo, hi, e
+        floating* part
+    if nthreads <= 1:
+        _small_forward_rows(x, m, k, n, w, z, 0, k)
+        return
+    chunk = (k + nthreads - 1) // nthreads
+    for t in prange(nthreads, num_threads=nthreads, schedule='static'):
+        lo = t * chunk
+        hi = min(k, lo + chunk)
+        _small_forward_rows(x, m, k, n, w,
+                            z if t == 0 else <floating*>net.scratch + (t - 1) * m * n, lo, hi)
+    for t in range(1, nthreads):
+        part = <floating*>net.scratch + (t - 1) * m * n
+        for e in range(m * n):
+            z[e] = z[e] + part[e]
+
+
+cdef void _small_backward_rows(const floating* x, const floating* dz, Py_ssize_t m, int k,
+                               int n, floating* w, floating* dw, floating* dx,
+                               const floating* a_prev, int act_prev, OptSpec* opt, int jw,
+                               bint update, bint fold, double scale, Py_ssize_t i0,
+                               Py_ssize_t i1) noexcept nogil:
+    """Rows i0..i1 of W, one pass: dX[:, i] (with the previous activation's slope),
+    dW[i] += X[:, i]^T dZ, then row i's update. With ``fold`` (plain SGD, one
+    micro-batch) W[i] is updated directly and dW stays untouched."""
+    cdef:
+        Py_ssize_t r, i
         floating xv, sl
         floating* wi
-        floating* dwi
         floating neg = <floating>(-opt.lr * scale) if fold else 0
-    for i in range(k):
+    for i in range(i0, i1):
         wi = w + i * n
-        dwi = dw + i * n
         if dx != NULL:
             for r in range(m):
                 sl = _activation_slope(a_prev[r * k + i], act_prev)
@@ -736,9 +780,32 @@ cdef void _small_backward(const floating* x, const floating* dz, Py_ssize_t m, i
                 if fold:
                     _axpy(wi, neg * xv, dz + r * n, n)
                 else:
-                    _axpy(dwi, xv, dz + r * n, n)
+                    _axpy(dw + i * n, xv, dz + r * n, n)
         if update and not fold:
             _update_range(opt, jw, w, dw, scale, i * n, (i + 1) * n)
+
+
+cdef void _small_backward(Net* net, const floating* x, const floating* dz, Py_ssize_t m,
+                          int k, int n, floating* w, floating* dw, floating* b, floating* db,
+                          floating* dx, const floating* a_prev, int act_prev,
+                          OptSpec* opt, int jw, bint update, bint fold,
+                          double scale) noexcept nogil:
+    """Backward (and update) of one layer for a few rows; W's rows split across threads
+    exactly as in ``_small_forward``."""
+    cdef:
+        int nthreads = _small_threads(net, k, n), t
+        Py_ssize_t r, chunk, lo, hi
+        floating neg = <floating>(-opt.lr * scale) if fold else 0
+    if nthreads <= 1:
+        _small_backward_rows(x, dz, m, k, n, w, dw, dx, a_prev, act_prev, opt, jw, update,
+                             fold, scale, 0, k)
+    else:
+        chunk = (k + nthreads - 1) // nthreads
+        for t in prange(nthreads, num_threads=nthreads, schedule='static'):
+            lo = t * chunk
+            hi = min(k, lo + chunk)
+            _small_backward_rows(x, dz, m, k, n, w, dw, dx, a_prev, act_prev, opt, jw,
+                                 update, fold, scale, lo, hi)
     if fold:
         for r in range(m):
             _axpy(b, neg, dz + r * n, n)
@@ -815,7 +882,7 @@ cdef double _net_forward(Net* net, const floating* x, Py_ssize_t m) noexcept nog
         k = net.width[l]
         n = net.width[l + 1]
         if m < SMALL_BATCH:
-            _small_forward(inp, m, k, n, <floating*>net.W[l], <floating*>net.Z[l])
+            _small_forward(net, inp, m, k, n, <floating*>net.W[l], <floating*>net.Z[l])
         else:
             _pgemm(False, False, <int>m, n, k, <floating>1, <floating*>inp, k,
                    <floating*>net.W[l], n, <floating>0, <floating*>net.Z[l], n)
@@ -853,7 +920,7 @@ cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floa
         dx = <floating*>net.G[l - 1] if l > 0 else NULL
         a_prev = <floating*>net.A[l - 1] if l > 0 else NULL
         if m < SMALL_BATCH:
-            _small_backward(inp, <floating*>net.G[l], m, k, n, <floating*>net.W[l],
+            _small_backward(net, inp, <floating*>net.G[l], m, k, n, <floating*>net.W[l],
                             <floating*>net.dW[l], <floating*>net.b[l], <floating*>net.db[l],
                             dx, a_prev, net.act[l - 1] if l > 0 else IDENTITY,
                             opt, 2 * l, update, fold, scale)
@@ -973,6 +1040,12 @@ cdef class NetworkPlan:
                 or self.net.b == NULL or self.net.dW == NULL or self.net.db == NULL
                 or self.net.Z == NULL or self.net.A == NULL or self.net.G == NULL):
             raise MemoryError()
+        self.net.scratch_threads = max(1, nnf_omp_max_threads())
+        cdef int widest = max(W.shape[1] for W in Ws)
+        self.net.scratch = calloc(max(1, (self.net.scratch_threads - 1) * SMALL_BATCH * widest),
+                                  8 if self.is64 else 4)
+        if self.net.scratch == NULL:
+            raise MemoryError()
         self.net.width[0] = Ws[0].shape[0]
         for l in range(L):
             self.net.width[l + 1] = Ws[l].shape[1]
@@ -986,6 +1059,7 @@ cdef class NetworkPlan:
             self.net.G[l] = _data(Gs[l])
 
     def __dealloc__(self):
+        free(self.net.scratch)
         free(self.net.width)
         free(self.net.act)
         free(self.net.W)
