@@ -12,9 +12,10 @@ from .layers import Dense
 from .model import Sequential
 from .optim import SGD, Adam, Optimizer
 from .training import DivergenceError, History
+from . import datasets
 
 __all__ = [
     "Sequential", "Dense", "SGD", "Adam", "Optimizer", "History", "DivergenceError",
     "batches", "iterations_per_epoch", "steps_per_epoch", "load", "save",
-    "set_num_threads", "get_num_threads", "__version__",
+    "set_num_threads", "get_num_threads", "datasets", "__version__",
 ]
