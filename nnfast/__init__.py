@@ -12,10 +12,11 @@ from .layers import Dense
 from .model import Sequential
 from .optim import SGD, Adam, Optimizer
 from .training import DivergenceError, History
-from . import datasets
+from .callbacks import Callback
+from . import callbacks, datasets
 
 __all__ = [
     "Sequential", "Dense", "SGD", "Adam", "Optimizer", "History", "DivergenceError",
     "batches", "iterations_per_epoch", "steps_per_epoch", "load", "save",
-    "set_num_threads", "get_num_threads", "datasets", "__version__",
+    "set_num_threads", "get_num_threads", "Callback", "callbacks", "datasets", "__version__",
 ]

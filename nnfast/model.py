@@ -249,13 +249,13 @@ class Sequential:
     def fit(self, X, y, loss: Optional[str] = None, optimizer=None, epochs: int = 1,
             batch_size: Optional[int] = 32, accumulate: int = 1, shuffle: bool = True,
             seed: Optional[int] = None, drop_last: bool = False, validation_data=None,
-            callbacks=(), verbose: int = 0):
+            callbacks=(), verbose: int = 0, validation_split: float = 0.0):
         """Train; see :func:`nnfast.training.fit` for every argument. Returns a History."""
         from .training import fit
         return fit(self, X, y, loss=loss, optimizer=optimizer, epochs=epochs,
                    batch_size=batch_size, accumulate=accumulate, shuffle=shuffle, seed=seed,
                    drop_last=drop_last, validation_data=validation_data, callbacks=callbacks,
-                   verbose=verbose)
+                   verbose=verbose, validation_split=validation_split)
 
     def save(self, path, optimizer=None) -> None:
         """Write the model (and optionally ``optimizer``'s state) atomically to ``path``."""

@@ -15,7 +15,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import losses as _losses
-from ._validation import as_matrix, positive_int
+from ._validation import as_matrix, positive_int, real_number
+from .callbacks import wants_batches
 from .data import epoch_order, iterations_per_epoch, resolve_batch_size
 from .optim import get_optimizer
 
@@ -58,7 +59,7 @@ class History:
 
 def fit(model, X, y, loss=None, optimizer=None, epochs=1, batch_size=32, accumulate=1,
         shuffle=True, seed=None, drop_last=False, validation_data=None, callbacks=(),
-        verbose=0):
+        verbose=0, validation_split=0.0):
     """Train ``model`` on ``(X, y)``.
 
     Parameters
@@ -79,14 +80,16 @@ def fit(model, X, y, loss=None, optimizer=None, epochs=1, batch_size=32, accumul
         Drop the last, short batch of each epoch.
     validation_data : (X_val, y_val) or None
         Evaluated after every epoch (``val_loss``, ``val_accuracy``).
-    callbacks : sequence
-        Objects with any of ``on_train_begin(model, history)``,
-        ``on_epoch_begin(epoch)``, ``on_epoch_end(epoch, logs)``,
-        ``on_batch_end(iteration, logs)``, ``on_train_end(history)``; an
-        ``on_epoch_end`` returning True stops training.
+    callbacks : sequence of Callback
+        See :mod:`nnfast.callbacks`. A callback with ``on_batch_end`` turns off the
+        whole-epoch fast path (Python runs after every iteration).
     verbose : int
-        0 silent; 1 one log line per epoch (logger ``"nnfast"``, printed to stderr if the
-        application configured no logging).
+        0 silent; 1 a progress bar per epoch (tqdm, when installed) and one log line per
+        epoch through the ``"nnfast"`` logger (printed to stderr if the application
+        configured no logging).
+    validation_split : float
+        Fraction in [0, 1) of the rows, taken from the END of X/y before any shuffling
+        (as Keras does), held out as validation data. Not with ``validation_data``.
 
     Returns
     -------
@@ -94,15 +97,30 @@ def fit(model, X, y, loss=None, optimizer=None, epochs=1, batch_size=32, accumul
     """
     name = model._check_loss(loss)
     X = as_matrix(X, "X", model.dtype, model.n_inputs)
+    code, T, labels = _losses.prepare_targets(name, y, X.shape[0], model.n_outputs,
+                                              model.dtype)
+    split = real_number(validation_split, "validation_split", low=0, high=1, high_open=True)
+    if split:
+        if validation_data is not None:
+            raise ValueError("give validation_data or validation_split, not both")
+        n_val = int(math.ceil(split * X.shape[0]))
+        if n_val >= X.shape[0]:
+            raise ValueError(f"validation_split={validation_split} leaves no training rows")
+        cut = X.shape[0] - n_val
+        val = (X[cut:], code, T[cut:] if T.shape[0] else T,
+               labels[cut:] if labels.shape[0] else labels)
+        X = X[:cut]
+        T = T[:cut] if T.shape[0] else T
+        labels = labels[:cut] if labels.shape[0] else labels
     n = X.shape[0]
-    code, T, labels = _losses.prepare_targets(name, y, n, model.n_outputs, model.dtype)
     epochs = positive_int(epochs, "epochs")
     accumulate = positive_int(accumulate, "accumulate")
     bs = resolve_batch_size(n, batch_size)
     if drop_last and batch_size is not None and batch_size > n:
         raise ValueError(f"drop_last=True with batch_size={batch_size} > {n} samples leaves "
                          "no iteration")
-    val = None
+    if not split:
+        val = None
     if validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise ValueError("validation_data must be a pair (X_val, y_val)")
@@ -123,7 +141,7 @@ def fit(model, X, y, loss=None, optimizer=None, epochs=1, batch_size=32, accumul
     backend = model._backend
     # Iterations per compiled call: whole runs of the epoch unless a callback needs
     # Python after every batch; bounded so Ctrl-C is honoured within a fraction of a second.
-    per_batch = any(hasattr(cb, "on_batch_end") for cb in callbacks)
+    per_batch = any(wants_batches(cb) for cb in callbacks)
     chunk = 1 if per_batch else max(1, _SAMPLES_PER_CALL // bs)
     no_order = np.empty(0, dtype=np.int64)
 
@@ -137,6 +155,7 @@ def fit(model, X, y, loss=None, optimizer=None, epochs=1, batch_size=32, accumul
         out_loss = np.empty(n_iters)
         out_correct = np.zeros(n_iters, dtype=np.int64)
         group = np.zeros(2, dtype=np.int64)
+        bar = _progress_bar(n_iters, epoch, epochs) if verbose else None
         for it0 in range(0, n_iters, chunk):
             it1 = min(n_iters, it0 + chunk)
             failed, steps = backend.run_iterations(
@@ -151,9 +170,15 @@ def fit(model, X, y, loss=None, optimizer=None, epochs=1, batch_size=32, accumul
                 raise DivergenceError(f"loss became {out_loss[failed - it0]} at epoch "
                                       f"{epoch + 1}, iteration {failed + 1}; weights are those "
                                       "of the last good step")
+            if bar is not None:
+                bar.update(done)
+                bar.set_postfix(loss=f"{out_loss[:it1].sum() / sizes[:it1].sum():.4f}",
+                                refresh=False)
             if per_batch:
                 _call(callbacks, "on_batch_end", hist.iterations - 1,
                       {"loss": hist.batch_losses[-1]})
+        if bar is not None:
+            bar.close()
         hist.epochs += 1
         seen = int(sizes.sum())
         logs = {"loss": float(out_loss.sum()) / seen}
@@ -185,6 +210,16 @@ def _call(callbacks, method, *args):
         fn = getattr(cb, method, None)
         if fn is not None:
             fn(*args)
+
+
+def _progress_bar(total, epoch, epochs):
+    """A tqdm bar for one epoch, or None when tqdm is not installed (the per-epoch log
+    line is shown either way)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="it", leave=False)
 
 
 def _ensure_log_handler():
