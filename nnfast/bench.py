@@ -1,0 +1,774 @@
+"""Training (and inference) throughput benchmark: nnfast against its NumPy backend and
+PyTorch CPU, interleaved in one run.
+
+Run it as ``python -m nnfast bench``, ``python -m nnfast.bench`` or
+``python benchmarks/run.py``; ``--help`` lists the options.
+
+What is measured
+----------------
+Every case is one workload at one batch size (float32 unless ``--dtype float64``; ReLU
+hidden layers, softmax + cross-entropy, plain SGD with lr 0.01, shuffled epochs over
+synthetic data: X uniform in [0, 1), random integer labels)::
+
+    A  784-256-128-10       batch 1, 8, 32, 128, 512
+    B  64-128-10            batch 1, 32, 256
+    C  1024-4096-4096-10    batch 256
+
+Contenders, all timed in the same process and interleaved round by round (the order
+rotates every round so that no contender always runs first):
+
+* ``nnfast``   -- nnfast's compiled backend (``backend="cython"``) with ``--threads``
+  threads (default: every usable core), trained through the public ``fit``;
+* ``numpy-Nt`` -- nnfast's pure-NumPy reference backend with N BLAS threads
+  (``nf.set_num_threads(N)``), N in ``--baseline-threads`` (default 1 and 2);
+* ``torch-Nt`` -- an idiomatic PyTorch CPU loop (``nn.Sequential`` of ``Linear``/``ReLU``,
+  ``F.cross_entropy``, ``torch.optim.SGD``, ``zero_grad``/``backward``/``step``, batches
+  indexed from ``torch.randperm``) with ``torch.set_num_threads(N)``; only when torch is
+  importable.
+
+Each contender is warmed up with a short fit (workspaces, lazy initialisation), then its
+speed is estimated with a calibration fit. A case holds ``N`` samples (60,000; 4,000 for
+A/1, 16,000 for B/1, 2,048 for C). A measurement is ``epochs`` shuffled epochs over the
+first ``n`` samples, where ``n = N`` unless one epoch would take longer than
+``--max-time`` (then ``n`` is cut to fit, rounded to whole batches) and ``epochs`` is the
+smallest count that lasts at least ``--min-time``. Throughput is samples/s =
+``n * epochs / seconds``; the report gives the median over ``--rounds`` rounds (the
+per-round values, ``n`` and ``epochs`` are in the JSON).
+
+sgemm bound
+-----------
+The machine's GEMM peak is measured with NumPy (``C = A @ B`` on ``--gemm-size``-square
+matrices of the benchmark dtype, with the BLAS thread count of the nnfast contender,
+best of several): ``peak = 2 n^3 / seconds``. A training step of a Dense stack of layers
+``(in_l, out_l)`` performs, per sample, these matrix-product FLOPs (one multiply-add = 2
+FLOPs)::
+
+    forward   Z_l = X_l W_l             2 * in_l * out_l     every layer
+    backward  dW_l = X_l^T dZ_l         2 * in_l * out_l     every layer
+              dX_l = dZ_l W_l^T         2 * in_l * out_l     every layer but the first
+
+    FLOPs/sample = 6 * sum_l in_l * out_l  -  2 * in_1 * out_1
+
+(elementwise work -- bias, activations, loss, the SGD update -- is left out). The
+"sgemm bound" of a case is ``peak / (FLOPs/sample)``: the samples/s if every matrix-product
+FLOP of a step ran at the GEMM peak. For ``predict`` only the forward pass counts
+(``2 * sum_l in_l * out_l``).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import nnfast as nf
+
+WORKLOADS = {
+    "A": (784, 256, 128, 10),
+    "B": (64, 128, 10),
+    "C": (1024, 4096, 4096, 10),
+}
+BATCHES = {"A": (1, 8, 32, 128, 512), "B": (1, 32, 256), "C": (256,)}
+DEFAULT_N = 60_000
+CASE_N = {("A", 1): 4_000, ("B", 1): 16_000, ("C", 256): 2_048}
+QUICK_N = 1_024
+LR = 0.01
+MAX_EPOCHS = 200
+
+
+# --------------------------------------------------------------------------- arithmetic
+def layer_shapes(sizes):
+    return list(zip(sizes[:-1], sizes[1:]))
+
+
+def train_flops_per_sample(sizes) -> int:
+    """Matrix-product FLOPs of one training step, per sample:
+    ``6 * sum(in*out) - 2 * in_1*out_1`` (no dX for the first layer)."""
+    shapes = layer_shapes(sizes)
+    return 6 * sum(i * o for i, o in shapes) - 2 * shapes[0][0] * shapes[0][1]
+
+
+def predict_flops_per_sample(sizes) -> int:
+    """Matrix-product FLOPs of one forward pass, per sample: ``2 * sum(in*out)``."""
+    return 2 * sum(i * o for i, o in layer_shapes(sizes))
+
+
+def case_samples(workload: str, batch: int, quick: bool = False) -> int:
+    n = CASE_N.get((workload, batch), DEFAULT_N)
+    if quick:
+        n = min(n, max(QUICK_N, 4 * batch))
+    return n
+
+
+def parse_cases(workloads: str | None, cases: str | None):
+    """The (workload, batch) pairs asked for, in table order."""
+    if cases:
+        out = []
+        for item in cases.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            w, sep, b = item.partition("/")
+            w = w.strip().upper()
+            if w not in WORKLOADS or not sep:
+                raise ValueError(f"bad case {item!r}: expected WORKLOAD/BATCH with WORKLOAD "
+                                 f"in {', '.join(WORKLOADS)}, e.g. A/32")
+            try:
+                bs = int(b)
+            except ValueError:
+                raise ValueError(f"bad case {item!r}: batch size must be an integer") from None
+            if bs < 1:
+                raise ValueError(f"bad case {item!r}: batch size must be >= 1")
+            if (w, bs) not in out:
+                out.append((w, bs))
+        if not out:
+            raise ValueError("--cases named no case")
+        return out
+    names = [w.strip().upper() for w in (workloads or ",".join(WORKLOADS)).split(",")
+             if w.strip()]
+    bad = [w for w in names if w not in WORKLOADS]
+    if bad or not names:
+        raise ValueError(f"unknown workload(s) {bad or names}; choose from "
+                         f"{', '.join(WORKLOADS)}")
+    return [(w, b) for w in dict.fromkeys(names) for b in BATCHES[w]]
+
+
+# --------------------------------------------------------------------------- machine
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def machine_info(torch_mod=None, torch_error=None) -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "nnfast": nf.__version__,
+    }
+    try:
+        from . import _kernels
+        info["nnfast_compiled"] = True
+        info["nnfast_openmp"] = bool(_kernels.openmp_enabled())
+    except ImportError:
+        info["nnfast_compiled"] = False
+        info["nnfast_openmp"] = False
+    try:
+        from threadpoolctl import threadpool_info
+        info["blas"] = [
+            {k: lib.get(k) for k in ("internal_api", "version", "num_threads", "filepath")}
+            for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    except Exception:  # pragma: no cover - threadpoolctl is a dependency
+        info["blas"] = []
+    if torch_mod is not None:
+        info["torch"] = torch_mod.__version__
+    else:
+        info["torch"] = None
+        if torch_error:
+            info["torch_unavailable"] = torch_error
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:  # pragma: no cover
+        pass
+    info["env"] = {k: os.environ[k] for k in
+                   ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    return info
+
+
+def gemm_peak(dtype, size: int = 2048, repeats: int = 5, threads: int | None = None) -> float:
+    """Best GFLOP/s of ``A @ B`` (square, ``size``) in NumPy with ``threads`` BLAS threads."""
+    if threads is not None:
+        nf.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    a = rng.random((size, size), dtype=np.float64).astype(dtype)
+    b = rng.random((size, size), dtype=np.float64).astype(dtype)
+    c = np.empty((size, size), dtype=dtype)
+    np.matmul(a, b, out=c)  # warm-up: thread pool start, page faults
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size ** 3 / best / 1e9
+
+
+# --------------------------------------------------------------------------- contenders
+def import_torch():
+    """``(torch, None)`` or ``(None, reason)``."""
+    try:
+        import torch  # noqa: F401
+        return torch, None
+    except Exception as exc:  # ImportError, or a broken install
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def build_nnfast(sizes, dtype, backend):
+    layers = [nf.Dense(i, o, activation="relu") for i, o in layer_shapes(sizes)[:-1]]
+    i, o = layer_shapes(sizes)[-1]
+    layers.append(nf.Dense(i, o, activation="softmax"))
+    return nf.Sequential(*layers, dtype=dtype, seed=0, backend=backend)
+
+
+class Contender:
+    """One way of training: ``activate`` before every measurement (thread counts),
+    ``train(n, epochs)`` and ``predict(n, reps)`` return elapsed seconds."""
+
+    name = ""
+    kind = ""
+    threads = 1
+
+    def setup(self, sizes, X, y, batch): ...
+
+    def activate(self): ...
+
+    def train(self, n, epochs): ...
+
+    def predict(self, n, reps): ...
+
+    def teardown(self):
+        pass
+
+
+class NnfastContender(Contender):
+    def __init__(self, backend: str, threads: int, name: str):
+        self.backend = backend
+        self.threads = threads
+        self.name = name
+        self.kind = "nnfast" if backend == "cython" else "numpy"
+
+    def setup(self, sizes, X, y, batch):
+        self.model = build_nnfast(sizes, X.dtype, self.backend)
+        self.opt = nf.SGD(lr=LR)
+        self.X, self.y, self.batch = X, y, batch
+
+    def activate(self):
+        nf.set_num_threads(self.threads)
+
+    def train(self, n, epochs):
+        X, y = self.X[:n], self.y[:n]
+        t0 = time.perf_counter()
+        self.model.fit(X, y, loss="cross_entropy", optimizer=self.opt, epochs=epochs,
+                       batch_size=self.batch, shuffle=True, seed=0)
+        return time.perf_counter() - t0
+
+    def predict(self, n, reps):
+        X, bs, predict = self.X, self.batch, self.model.predict
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for start in range(0, n, bs):
+                predict(X[start:start + bs])
+        return time.perf_counter() - t0
+
+    def teardown(self):
+        self.model = self.opt = self.X = self.y = None
+
+
+class TorchContender(Contender):
+    def __init__(self, torch_mod, threads: int):
+        self.torch = torch_mod
+        self.threads = threads
+        self.name = f"torch-{threads}t"
+        self.kind = "torch"
+
+    def setup(self, sizes, X, y, batch):
+        torch = self.torch
+        nn = torch.nn
+        torch.manual_seed(0)
+        mods = []
+        for k, (i, o) in enumerate(layer_shapes(sizes)):
+            mods.append(nn.Linear(i, o))
+            if k < len(sizes) - 2:
+                mods.append(nn.ReLU())
+        tdtype = torch.float64 if X.dtype == np.float64 else torch.float32
+        self.net = nn.Sequential(*mods).to(tdtype)
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=LR)
+        self.X = torch.from_numpy(X)
+        self.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+        self.batch = batch
+        self.gen = torch.Generator().manual_seed(0)
+
+    def activate(self):
+        self.torch.set_num_threads(self.threads)
+
+    def train(self, n, epochs):
+        torch = self.torch
+        F = torch.nn.functional
+        net, opt, X, y, bs, gen = self.net, self.opt, self.X, self.y, self.batch, self.gen
+        net.train()
+        t0 = time.perf_counter()
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n, bs):
+                idx = perm[start:start + bs]
+                xb, yb = X[idx], y[idx]
+                opt.zero_grad()
+                loss = F.cross_entropy(net(xb), yb)
+                loss.backward()
+                opt.step()
+        return time.perf_counter() - t0
+
+    def predict(self, n, reps):
+        torch = self.torch
+        F = torch.nn.functional
+        net, X, bs = self.net, self.X, self.batch
+        net.eval()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(reps):
+                for start in range(0, n, bs):
+                    F.softmax(net(X[start:start + bs]), dim=1).numpy()
+        return time.perf_counter() - t0
+
+    def teardown(self):
+        self.net = self.opt = self.X = self.y = None
+
+
+def make_contenders(kinds, threads, baseline_threads, torch_mod):
+    out = []
+    if "nnfast" in kinds:
+        out.append(NnfastContender("cython", threads, "nnfast"))
+    if "numpy" in kinds:
+        out += [NnfastContender("numpy", t, f"numpy-{t}t") for t in baseline_threads]
+    if "torch" in kinds and torch_mod is not None:
+        out += [TorchContender(torch_mod, t) for t in baseline_threads]
+    return out
+
+
+# --------------------------------------------------------------------------- timing
+@dataclass
+class Plan:
+    n: int
+    reps: int  # epochs (training) or passes (predict)
+    calibration_rate: float
+
+
+@dataclass
+class Timing:
+    min_time: float
+    max_time: float
+    calib_time: float
+    rounds: int
+    settle: float = 0.15
+
+
+def _timed(fn, *args):
+    """``fn(*args)`` with the garbage collector paused (as ``timeit`` does)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return fn(*args)
+    finally:
+        if was:
+            gc.enable()
+
+
+def calibrate(run, N, batch, min_time, max_time, calib_time) -> Plan:
+    """Warm ``run`` up, estimate its samples/s and choose (n, reps) for measurements."""
+    n = min(N, 2 * batch)
+    run(n, 1)  # warm-up: workspaces, thread pools, lazy init (not timed)
+    while True:
+        t = max(_timed(run, n, 1), 1e-9)
+        if t >= calib_time or n >= N:
+            break
+        n = min(N, max(n + batch, int(n * min(8.0, 1.5 * calib_time / t)) // batch * batch))
+    # a second estimate at the final size; the faster one wins, so that a burst of other
+    # work during calibration does not shrink every later measurement
+    t = min(t, max(_timed(run, n, 1), 1e-9))
+    rate = n / t
+    n_meas = N
+    if N / rate > max_time:
+        n_meas = max(batch, min(N, int(rate * max_time) // batch * batch))
+    reps = max(1, min(MAX_EPOCHS, math.ceil(min_time * rate / n_meas)))
+    return Plan(n_meas, reps, rate)
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+# --------------------------------------------------------------------------- main loop
+def run_benchmarks(cases, contenders, dtype, timing: Timing, predict: bool, quick: bool,
+                   log=None):
+    """Measure every case; returns a list of per-case dicts (see ``main`` JSON)."""
+    log = log or (lambda msg: None)
+    results = []
+    by_workload = {}
+    for w, b in cases:
+        by_workload.setdefault(w, []).append(b)
+    data_rng = np.random.default_rng(0)
+    for w, batches in by_workload.items():
+        sizes = WORKLOADS[w]
+        n_max = max(case_samples(w, b, quick) for b in batches)
+        X = data_rng.random((n_max, sizes[0]), dtype=np.float64 if dtype == "float64"
+                            else np.float32)
+        y = data_rng.integers(0, sizes[-1], n_max, dtype=np.int64)
+        for b in batches:
+            N = case_samples(w, b, quick)
+            results.append(_run_case(w, b, sizes, N, X, y, contenders, timing, predict,
+                                     log))
+        del X, y
+        gc.collect()
+    return results
+
+
+def _run_case(w, b, sizes, N, X, y, contenders, timing, predict, log):
+    modes = ["train"] + (["predict"] if predict else [])
+    rows = {mode: {} for mode in modes}
+    plans = {mode: {} for mode in modes}
+    for c in contenders:
+        c.setup(sizes, X, y, b)
+    try:
+        for c in contenders:
+            c.activate()
+            for mode in modes:
+                run = c.train if mode == "train" else c.predict
+                plans[mode][c.name] = p = calibrate(run, N, b, timing.min_time,
+                                                    timing.max_time, timing.calib_time)
+                rows[mode][c.name] = []
+                log(f"  {w}/{b} {mode:7s} {c.name:10s} ~{p.calibration_rate:,.0f} samples/s "
+                    f"-> n={p.n} x {p.reps}")
+        k = len(contenders)
+        time.sleep(timing.settle)
+        for r in range(timing.rounds):
+            order = contenders[r % k:] + contenders[:r % k] if k else []
+            for c in order:
+                c.activate()
+                for mode in modes:
+                    p = plans[mode][c.name]
+                    run = c.train if mode == "train" else c.predict
+                    t = _timed(run, p.n, p.reps)
+                    rows[mode][c.name].append(p.n * p.reps / t)
+                # let the idle BLAS/OpenMP workers of this contender stop spinning (OpenBLAS
+                # spins ~0.1 s after its last call) before the next one is timed
+                time.sleep(timing.settle)
+            log(f"  {w}/{b} round {r + 1}/{timing.rounds}: " + ", ".join(
+                f"{name} {vals[-1]:,.0f}" for name, vals in rows["train"].items()))
+    finally:
+        for c in contenders:
+            c.teardown()
+        gc.collect()
+    case = {"workload": w, "sizes": list(sizes), "batch": b, "N": N}
+    for mode in modes:
+        case[mode] = {
+            name: {"samples_per_s": median(vals), "rounds": vals,
+                   "n": plans[mode][name].n, "reps": plans[mode][name].reps,
+                   "threads": next(c.threads for c in contenders if c.name == name),
+                   "kind": next(c.kind for c in contenders if c.name == name)}
+            for name, vals in rows[mode].items()}
+    return case
+
+
+def add_ratios(results, peak_gflops):
+    """Fill in the sgemm bound, % of bound, best other contender and nnfast's ratio."""
+    for case in results:
+        flops = {"train": train_flops_per_sample(case["sizes"]),
+                 "predict": predict_flops_per_sample(case["sizes"])}
+        for mode in ("train", "predict"):
+            if mode not in case:
+                continue
+            res = case[mode]
+            bound = peak_gflops * 1e9 / flops[mode]
+            for entry in res.values():
+                entry["pct_of_bound"] = 100.0 * entry["samples_per_s"] / bound
+            others = {k: v["samples_per_s"] for k, v in res.items() if v["kind"] != "nnfast"}
+            summary = {"flops_per_sample": flops[mode], "gemm_bound": bound,
+                       "best_other": None, "ratio": None, "pct_of_bound": None}
+            if others:
+                best = max(others, key=others.get)
+                summary["best_other"] = best
+                summary["best_other_samples_per_s"] = others[best]
+            if "nnfast" in res:
+                summary["pct_of_bound"] = res["nnfast"]["pct_of_bound"]
+                if others:
+                    summary["ratio"] = res["nnfast"]["samples_per_s"] / others[best]
+            case[mode + "_summary"] = summary
+    return results
+
+
+# --------------------------------------------------------------------------- output
+def _fmt_rate(v):
+    if v is None or not math.isfinite(v):
+        return "-"
+    return f"{v:,.0f}" if v >= 100 else f"{v:,.1f}"
+
+
+def format_table(results, names, mode="train", threads=None) -> str:
+    label = {n: (f"nnfast {threads}t" if n == "nnfast" and threads else n) for n in names}
+    header = (["workload", "batch", "N"] + [label[n] for n in names]
+              + ["best other", "ratio", "gemm bound", "% bound"])
+    rows = []
+    for case in results:
+        if mode not in case:
+            continue
+        res, s = case[mode], case[mode + "_summary"]
+        row = [case["workload"], str(case["batch"]), f"{case['N']:,}"]
+        row += [_fmt_rate(res[n]["samples_per_s"]) if n in res else "-" for n in names]
+        row += [s["best_other"] or "-",
+                f"{s['ratio']:.2f}x" if s["ratio"] is not None else "-",
+                _fmt_rate(s["gemm_bound"]),
+                f"{s['pct_of_bound']:.0f}%" if s["pct_of_bound"] is not None else "-"]
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    left = {0, len(header) - 4}
+    def line(cells):
+        return "  ".join(c.ljust(wd) if i in left else c.rjust(wd)
+                         for i, (c, wd) in enumerate(zip(cells, widths)))
+    out = [line(header), line(["-" * wd for wd in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def format_machine(info, threads) -> str:
+    blas = ", ".join(f"{b.get('internal_api')} {b.get('version')}" for b in info.get("blas", [])
+                     ) or "unknown"
+    lines = [
+        f"CPU: {info['cpu']} ({info['usable_cores']} usable cores of "
+        f"{info['logical_cpus']} logical CPUs)",
+        f"Python {info['python']}, NumPy {info['numpy']} (BLAS: {blas}), "
+        f"torch {info['torch'] or 'not available'}",
+        f"nnfast {info['nnfast']}: compiled={info['nnfast_compiled']}, "
+        f"openmp_enabled={info['nnfast_openmp']}, threads={threads}",
+    ]
+    if "load_average" in info:
+        la = info["load_average"]
+        lines.append(f"load average at start: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}"
+                     + ("  (other work may be running: timings would be noisy)"
+                        if la[0] > 0.5 else ""))
+    if info.get("torch_unavailable"):
+        lines.append(f"torch skipped: {info['torch_unavailable']}")
+    for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        if k in info["env"]:
+            lines.append(f"note: {k}={info['env'][k]} is set; it can slow NumPy's BLAS")
+    return "\n".join(lines)
+
+
+def write_plot(path, results, names, peak_gflops, dtype, info):
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+
+    modes = [m for m in ("train", "predict") if any(m in c for c in results)]
+    workloads = list(dict.fromkeys(c["workload"] for c in results))
+    fig, axes = plt.subplots(len(modes), len(workloads), squeeze=False,
+                             figsize=(max(7.0, 4.6 * len(workloads)), 3.8 * len(modes)))
+    for r, mode in enumerate(modes):
+        for col, w in enumerate(workloads):
+            ax = axes[r][col]
+            cases = sorted((c for c in results if c["workload"] == w and mode in c),
+                           key=lambda c: c["batch"])
+            bs = [c["batch"] for c in cases]
+            for name in names:
+                ys = [c[mode][name]["samples_per_s"] if name in c[mode] else np.nan
+                      for c in cases]
+                ax.plot(bs, ys, marker="o", label=name,
+                        linewidth=2.2 if name == "nnfast" else 1.2)
+            bound = [c[mode + "_summary"]["gemm_bound"] for c in cases]
+            ax.plot(bs, bound, "k--", marker="_", markersize=16, linewidth=1,
+                    label="gemm bound")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(bs, [str(v) for v in bs])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_yscale("log")
+            ax.set_xlabel("batch size")
+            ax.set_ylabel("samples/s")
+            sizes = "-".join(map(str, WORKLOADS[w]))
+            ax.set_title(f"{w} {sizes} ({mode})", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            if r == 0 and col == 0:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"nnfast {dtype} throughput - {info['cpu']}, {info['usable_cores']} cores, "
+                 f"peak {peak_gflops:.0f} GFLOP/s", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnfast bench",
+        description="Training throughput (samples/s) of nnfast against its NumPy backend "
+                    "and PyTorch CPU on the standard MLP workloads "
+                    "(A 784-256-128-10, B 64-128-10, C 1024-4096-4096-10), interleaved "
+                    "in one run; median of several rounds.")
+    p.add_argument("--workloads", default=None,
+                   help="comma-separated workloads (default: A,B,C with their batch sizes)")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated WORKLOAD/BATCH cases, e.g. A/1,B/32 "
+                        "(overrides --workloads)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per case (default 3; "
+                   "1 with --quick)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for nnfast's compiled backend (default: all usable cores)")
+    p.add_argument("--baseline-threads", default="1,2",
+                   help="thread counts of the NumPy-backend and PyTorch contenders "
+                        "(default 1,2)")
+    p.add_argument("--contenders", default="nnfast,numpy,torch",
+                   help="which contenders to run (default nnfast,numpy,torch; torch is "
+                        "skipped when not importable)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--predict", action="store_true",
+                   help="also measure predict() throughput (inference in batches of the "
+                        "case's batch size)")
+    p.add_argument("--quick", action="store_true",
+                   help="small N, 1 round, short timings (for tests; numbers are rough)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="shortest measurement in seconds; more epochs are run to reach it "
+                        "(default 0.25)")
+    p.add_argument("--max-time", type=float, default=None,
+                   help="longest single epoch in seconds; slower contenders train on fewer "
+                        "samples (default 2.0)")
+    p.add_argument("--gemm-size", type=int, default=None,
+                   help="matrix size of the GEMM peak measurement (default 2048)")
+    p.add_argument("--json", metavar="PATH", default=None, help="write all results as JSON")
+    p.add_argument("--plot", metavar="PATH", default=None,
+                   help="write a PNG of samples/s vs batch size (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def _positive_ints(text, what, parser):
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"{what} must be comma-separated integers, got {text!r}")
+    if not vals or any(v < 1 for v in vals):
+        parser.error(f"{what} must be positive integers, got {text!r}")
+    return list(dict.fromkeys(vals))
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cases = parse_cases(args.workloads, args.cases)
+    except ValueError as exc:
+        parser.error(str(exc))
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if rounds < 1:
+        parser.error("--rounds must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    baseline_threads = _positive_ints(args.baseline_threads, "--baseline-threads", parser)
+    kinds = [k.strip().lower() for k in args.contenders.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("nnfast", "numpy", "torch")]
+    if bad or not kinds:
+        parser.error(f"--contenders: unknown {bad or kinds}; choose from nnfast,numpy,torch")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib, which is not installed "
+                         "(pip install matplotlib, or pip install 'nnfast[plot]')")
+    min_time = args.min_time if args.min_time is not None else (0.01 if args.quick else 0.25)
+    max_time = args.max_time if args.max_time is not None else (0.1 if args.quick else 2.0)
+    if not (0 < min_time <= max_time):
+        parser.error("need 0 < --min-time <= --max-time")
+    gemm_size = args.gemm_size or (512 if args.quick else 2048)
+    timing = Timing(min_time=min_time, max_time=max_time,
+                    calib_time=min(0.05, min_time / 2), rounds=rounds,
+                    settle=0.01 if args.quick else 0.15)
+    log = (lambda msg: None) if args.quiet else (
+        lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    torch_mod, torch_error = (None, None)
+    if "torch" in kinds:
+        torch_mod, torch_error = import_torch()
+    saved_threads = nf.get_num_threads()
+    saved_torch_threads = torch_mod.get_num_threads() if torch_mod is not None else None
+    threads = args.threads or saved_threads
+    try:
+        contenders = make_contenders(kinds, threads, baseline_threads, torch_mod)
+        if not contenders:
+            parser.error("no contender can run")
+        names = [c.name for c in contenders]
+        info = machine_info(torch_mod, torch_error)
+        dtype = args.dtype
+        peak = gemm_peak(np.dtype(dtype), gemm_size, repeats=3 if args.quick else 5,
+                         threads=threads)
+        print(format_machine(info, threads), flush=True)
+        log(f"running {len(cases)} case(s) x {len(contenders)} contender(s) x {rounds} "
+            f"round(s) ...")
+        results = run_benchmarks(cases, contenders, dtype, timing, args.predict,
+                                 args.quick, log)
+        # measured again at the end: a peak taken while something else ran is too low
+        peak_end = gemm_peak(np.dtype(dtype), gemm_size, repeats=3 if args.quick else 5,
+                             threads=threads)
+        peaks = [peak, peak_end]
+        peak = max(peaks)
+        log(f"gemm peak at start {peaks[0]:.1f}, at end {peaks[1]:.1f} GFLOP/s; using "
+            f"{peak:.1f}")
+        add_ratios(results, peak)
+    finally:
+        nf.set_num_threads(saved_threads)
+        if torch_mod is not None:
+            torch_mod.set_num_threads(saved_torch_threads)
+
+    gemm = "sgemm" if dtype == "float32" else "dgemm"
+    print(f"{gemm} peak ({gemm_size}^3 in NumPy, {threads} threads, best of "
+          f"{3 if args.quick else 5}, measured before and after the cases): "
+          f"{peak:.1f} GFLOP/s (before {peaks[0]:.1f}, after {peaks[1]:.1f})")
+    print()
+    print(f"training throughput, samples/s ({dtype}, softmax CE, SGD lr {LR}, median of "
+          f"{rounds} round(s)); ratio = nnfast / best other")
+    print(format_table(results, names, "train", threads))
+    if args.predict:
+        print()
+        print(f"predict() throughput, samples/s ({dtype}, in batches of the case's batch "
+              f"size, median of {rounds} round(s))")
+        print(format_table(results, names, "predict", threads))
+    print()
+    print("gemm bound = samples/s if every matrix-product FLOP ran at the measured gemm "
+          "peak; training FLOPs/sample = 6*sum(in*out) - 2*in1*out1")
+
+    report = {
+        "machine": info,
+        "config": {
+            "dtype": dtype, "rounds": rounds, "threads": threads,
+            "baseline_threads": baseline_threads, "contenders": names,
+            "quick": bool(args.quick), "predict": bool(args.predict), "lr": LR,
+            "min_time": min_time, "max_time": max_time, "gemm_size": gemm_size,
+            "argv": list(argv) if argv is not None else sys.argv[1:],
+        },
+        "gemm_peak_gflops": peak,
+        "gemm_peak_gflops_before_after": peaks,
+        "cases": results,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, allow_nan=True)
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(args.plot, results, names, peak, dtype, info)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

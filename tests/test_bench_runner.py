@@ -1,0 +1,75 @@
+"""Functional test of the benchmark runner (``nnfast.bench``): it runs, and writes a JSON
+report with every contender, the sgemm bound and the ratios. No speed is asserted."""
+import json
+import math
+
+import pytest
+
+import nnfast as nf
+from nnfast import bench
+
+
+def test_flops_formula():
+    # 6 * sum(in*out) - 2 * in1*out1 (no dX for the first layer)
+    assert bench.train_flops_per_sample((64, 128, 10)) == 6 * (64 * 128 + 128 * 10) - 2 * 64 * 128
+    assert bench.train_flops_per_sample((784, 256, 128, 10)) == 1_007_104
+    assert bench.predict_flops_per_sample((64, 128, 10)) == 2 * (64 * 128 + 128 * 10)
+
+
+def test_parse_cases():
+    assert bench.parse_cases(None, "A/1, b/32") == [("A", 1), ("B", 32)]
+    assert bench.parse_cases("C", None) == [("C", 256)]
+    assert len(bench.parse_cases(None, None)) == 9
+    for bad in ("D/1", "A", "A/x", "A/0"):
+        with pytest.raises(ValueError):
+            bench.parse_cases(None, bad)
+    with pytest.raises(SystemExit):
+        bench.main(["--cases", "Z/3"])
+
+
+def test_quick_run_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    threads_before = nf.get_num_threads()
+    rc = bench.main(["--quick", "--cases", "B/32", "--rounds", "1", "--json", str(out),
+                     "--quiet"])
+    assert rc == 0
+    assert nf.get_num_threads() == threads_before  # the runner restores the thread policy
+    printed = capsys.readouterr().out
+    assert "sgemm peak" in printed and "ratio" in printed
+
+    report = json.loads(out.read_text())
+    assert report["gemm_peak_gflops"] > 0
+    assert report["config"]["rounds"] == 1
+    names = report["config"]["contenders"]
+    assert {"nnfast", "numpy-1t", "numpy-2t"} <= set(names)
+    if report["machine"]["torch"] is not None:
+        assert {"torch-1t", "torch-2t"} <= set(names)
+    (case,) = report["cases"]
+    assert (case["workload"], case["batch"], case["sizes"]) == ("B", 32, [64, 128, 10])
+    assert set(case["train"]) == set(names)
+    for entry in case["train"].values():
+        assert entry["samples_per_s"] > 0 and len(entry["rounds"]) == 1
+        assert entry["n"] >= 32 and entry["reps"] >= 1
+    s = case["train_summary"]
+    assert s["flops_per_sample"] == bench.train_flops_per_sample((64, 128, 10))
+    assert s["best_other"] in names and s["best_other"] != "nnfast"
+    best = case["train"][s["best_other"]]["samples_per_s"]
+    assert math.isclose(s["ratio"], case["train"]["nnfast"]["samples_per_s"] / best)
+    assert math.isclose(s["gemm_bound"],
+                        report["gemm_peak_gflops"] * 1e9 / s["flops_per_sample"])
+    assert s["pct_of_bound"] > 0
+
+
+def test_predict_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = bench.main(["--quick", "--cases", "B/256", "--contenders", "nnfast,numpy",
+                     "--baseline-threads", "1", "--dtype", "float64", "--predict",
+                     "--json", str(out), "--plot", str(png), "--quiet"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    (case,) = report["cases"]
+    assert report["config"]["dtype"] == "float64"
+    assert set(case["predict"]) == {"nnfast", "numpy-1t"}
+    assert case["predict_summary"]["ratio"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
