@@ -451,34 +451,8 @@ def _timed_fits(args, backends, data, n_in, n_out):
 
 
 def _plot(path, history, title) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    h = history.history
-    epochs = np.arange(1, len(h.get("loss", [])) + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("loss", "train loss"), ("val_loss", "test loss")):
-        if key in h:
-            axes[0].plot(epochs, h[key], marker="o", ms=3, label=label)
-    axes[0].set_xlabel("epoch")
-    axes[0].set_ylabel("cross-entropy")
-    axes[0].set_yscale("log")
-    for key, label in (("accuracy", "train accuracy"), ("val_accuracy", "test accuracy")):
-        if key in h:
-            axes[1].plot(epochs, h[key], marker="o", ms=3, label=label)
-    axes[1].set_xlabel("epoch")
-    axes[1].set_ylabel("accuracy")
-    from matplotlib.ticker import MaxNLocator
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
+    from .plotting import plot_history
+    plot_history(history, path, title=title, val_label="test")
 
 
 def _fmt_time(seconds: float) -> str:
