@@ -11,12 +11,13 @@ from .io import load, save
 from .layers import Dense
 from .model import Sequential
 from .optim import SGD, Adam, Optimizer
-from .training import DivergenceError, History
-from .callbacks import Callback
+from .training import DivergenceError, History, resume
+from .callbacks import Callback, EarlyStopping, ModelCheckpoint
 from . import callbacks, datasets
 
 __all__ = [
-    "Sequential", "Dense", "SGD", "Adam", "Optimizer", "History", "DivergenceError",
+    "Sequential", "Dense", "SGD", "Adam", "Optimizer", "History", "DivergenceError", "resume",
     "batches", "iterations_per_epoch", "steps_per_epoch", "load", "save",
-    "set_num_threads", "get_num_threads", "Callback", "callbacks", "datasets", "__version__",
+    "set_num_threads", "get_num_threads", "Callback", "EarlyStopping", "ModelCheckpoint",
+    "callbacks", "datasets", "__version__",
 ]

@@ -26,7 +26,7 @@ def as_matrix(X, name: str, dtype, n_features: int | None = None) -> np.ndarray:
     """
     if X is None:
         raise ValueError(f"{name} is required, got None")
-    arr = np.asarray(X)
+    arr = as_array(X, name)
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be a numeric array, got dtype {arr.dtype}")
     if arr.ndim != 2:
@@ -37,8 +37,30 @@ def as_matrix(X, name: str, dtype, n_features: int | None = None) -> np.ndarray:
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(f"{name} has {arr.shape[1]} features but the model expects "
                          f"{n_features}")
-    out = np.ascontiguousarray(arr, dtype=dtype)
-    check_finite(out, name)
+    return cast_finite(arr, dtype, name)
+
+
+def as_array(value, name: str) -> np.ndarray:
+    """np.asarray, with ragged or otherwise unconvertible input named in the error."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
+
+
+def cast_finite(arr: np.ndarray, dtype, name: str) -> np.ndarray:
+    """C-contiguous copy (only if needed) in ``dtype``, checked for NaN/inf; finite values
+    too large for ``dtype`` are reported as such, not as infinities."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(arr, dtype=dtype)
+    try:
+        check_finite(out, name)
+    except ValueError:
+        if out is not arr and arr.dtype.kind == "f":
+            check_finite(arr, name)
+            raise ValueError(f"{name} holds values beyond the {np.dtype(dtype).name} range "
+                             f"(|x| > {np.finfo(dtype).max:.3g})") from None
+        raise
     return out
 
 
@@ -66,6 +88,8 @@ def real_number(value, name: str, low=None, high=None, low_open=False, high_open
 
 
 def check_dtype(dtype) -> np.dtype:
+    if dtype is None:
+        raise TypeError("dtype must be 'float32' or 'float64', got None")
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -73,3 +97,35 @@ def check_dtype(dtype) -> np.dtype:
     if dt not in (np.float32, np.float64):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     return dt
+
+
+def check_seed(seed, name: str = "seed"):
+    """None or a non-negative integer (what numpy.random.default_rng accepts)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{name} must be a non-negative integer or None, got "
+                        f"{type(seed).__name__} {seed!r}")
+    if seed < 0:
+        raise ValueError(f"{name} must be a non-negative integer or None, got {seed}")
+    return int(seed)
+
+
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def check_callbacks(callbacks) -> list:
+    """A list or tuple of callback objects (None or () for none)."""
+    if callbacks is None:
+        return []
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError("callbacks must be a list or tuple of nnfast.Callback objects, got "
+                        f"{type(callbacks).__name__}")
+    for i, cb in enumerate(callbacks):
+        if isinstance(cb, (str, bytes, int, float)) or cb is None:
+            raise TypeError(f"callbacks[{i}] must be a callback object, got "
+                            f"{type(cb).__name__} {cb!r}")
+    return list(callbacks)

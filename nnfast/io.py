@@ -3,13 +3,14 @@
 Nothing is pickled: the header is stored as a uint8 array of UTF-8 JSON and the file
 is read with ``allow_pickle=False``. Files are written atomically (temporary file in the
 same folder, flush, fsync, ``os.replace``), so a crash never leaves half a model.
+Training checkpoints (``fit(..., checkpoint=path)``) are model files whose header also
+holds a ``"checkpoint"`` object and whose arrays also hold ``ckpt.*`` entries.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-import zipfile
 
 import numpy as np
 
@@ -72,22 +73,37 @@ def save(model, path, optimizer=None) -> None:
     atomic_write_npz(path, model_arrays(model, optimizer))
 
 
+def _fspath(path) -> str:
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") \
+            from None
+    return os.fsdecode(path) if isinstance(path, bytes) else path
+
+
 def read_npz(path):
-    """(header dict, {name: array}) of an nnfast file; ValueError if it is not one."""
-    path = os.fspath(path)
+    """(header dict, {name: array}) of an nnfast file; ValueError if it is not one.
+
+    Read with ``allow_pickle=False``: an object array in the file is a ValueError, never
+    unpickled."""
+    path = _fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path!r}")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):   # a plain .npy array
+            raise ValueError("not an .npz archive")
+        with data:
             arrays = {name: data[name] for name in data.files}
-    except (zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise ValueError(f"{path!r} is not a valid nnfast model file ({exc})") from None
-    except ValueError as exc:  # object arrays refuse to load without pickle
-        raise ValueError(f"{path!r} is not a valid nnfast model file ({exc})") from None
     except OSError as exc:
         if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
             raise
         raise ValueError(f"{path!r} is not a valid nnfast model file ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - zipfile/zlib/format errors of a bad file,
+        # ValueError for object arrays (they refuse to load without pickle)
+        raise ValueError(f"{path!r} is not a valid nnfast model file "
+                         f"({type(exc).__name__}: {exc})") from None
     head = arrays.pop("header", None)
     if head is None or head.dtype != np.uint8 or head.ndim != 1:
         raise ValueError(f"{path!r} is not a valid nnfast model file (no header)")
@@ -110,15 +126,27 @@ def model_from_header(header: dict, arrays: dict, backend=None, path="file"):
         cfg = header["model"]
         layers = [Dense(int(l["in_features"]), int(l["units"]), activation=str(l["activation"]))
                   for l in cfg["layers"]]
-        model = Sequential(*layers, dtype=str(cfg["dtype"]), seed=0,
-                           backend=backend or str(cfg.get("backend", "cython")))
+        dtype = str(cfg["dtype"])
+        model_backend = backend or str(cfg.get("backend", "cython"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path!r} has an invalid model description ({exc})") from None
+    # the arrays must match the description before anything is allocated from it (a
+    # tampered width must not make load allocate terabytes)
+    for i, layer in enumerate(layers):
+        for j, shape in ((2 * i, (layer.in_features, layer.units)), (2 * i + 1, (layer.units,))):
+            key = f"param.{j}"
+            if key not in arrays:
+                raise ValueError(f"{path!r} is missing parameter array {key!r}")
+            if arrays[key].shape != shape:
+                raise ValueError(f"{path!r}: {key} has shape {arrays[key].shape}, the header "
+                                 f"says {shape}")
+    try:
+        model = Sequential(*layers, dtype=dtype, seed=0, backend=model_backend)
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path!r} has an invalid model description ({exc})") from None
     weights = []
     for i in range(2 * len(model.layers)):
         key = f"param.{i}"
-        if key not in arrays:
-            raise ValueError(f"{path!r} is missing parameter array {key!r}")
         if arrays[key].dtype != model.dtype:
             raise ValueError(f"{path!r}: {key} has dtype {arrays[key].dtype}, the header says "
                              f"{model.dtype}")
@@ -129,7 +157,10 @@ def model_from_header(header: dict, arrays: dict, backend=None, path="file"):
         raise ValueError(f"{path!r} holds invalid parameters: {exc}") from None
     loss = header.get("loss")
     if loss is not None:
-        model.loss = model._check_loss(loss)
+        try:
+            model.loss = model._check_loss(loss)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path!r} has an invalid loss ({exc})") from None
     return model
 
 
@@ -142,7 +173,10 @@ def optimizer_from_header(header: dict, arrays: dict, model, path="file"):
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path!r} has an invalid optimizer description ({exc})") from None
     state = {k[len("opt."):]: v for k, v in arrays.items() if k.startswith("opt.")}
-    opt.load_state(model, int(header.get("optimizer_iterations", 0)), state)
+    try:
+        opt.load_state(model, header.get("optimizer_iterations", 0), state)
+    except ValueError as exc:
+        raise ValueError(f"{path!r} has an invalid optimizer state ({exc})") from None
     return opt
 
 
@@ -154,8 +188,43 @@ def load(path, backend=None, with_optimizer=False):
     Raises FileNotFoundError for a missing file and ValueError for anything that is not
     a valid nnfast model file.
     """
+    path = _fspath(path)
     header, arrays = read_npz(path)
-    model = model_from_header(header, arrays, backend=backend, path=os.fspath(path))
+    model = model_from_header(header, arrays, backend=backend, path=path)
     if with_optimizer:
-        return model, optimizer_from_header(header, arrays, model, path=os.fspath(path))
+        return model, optimizer_from_header(header, arrays, model, path=path)
     return model
+
+
+# --- training checkpoints ------------------------------------------------------------------
+CHECKPOINT_VERSION = 1
+
+
+def write_checkpoint(path, model, optimizer, state: dict, arrays: dict) -> None:
+    """Write a training checkpoint of ``fit`` atomically.
+
+    The file is a model file (``load`` reads the model and optimizer from it) whose
+    header also holds ``"checkpoint"``: ``state`` (JSON: fit configuration, counters, RNG
+    state, History), and whose arrays also hold ``ckpt.<name>`` for every entry of
+    ``arrays`` (plain numeric arrays: the epoch's permutation, losses so far)."""
+    out = model_arrays(model, optimizer,
+                       extra_header={"checkpoint": dict(state, version=CHECKPOINT_VERSION)})
+    for name, arr in arrays.items():
+        out[f"ckpt.{name}"] = np.ascontiguousarray(arr)
+    atomic_write_npz(path, out)
+
+
+def read_checkpoint(path):
+    """(header, checkpoint state dict, {name: array} of the ``ckpt.`` arrays, all arrays)
+    of a file written by :func:`write_checkpoint`; ValueError for anything else."""
+    header, arrays = read_npz(path)
+    state = header.get("checkpoint")
+    if not isinstance(state, dict):
+        raise ValueError(f"{os.fspath(path)!r} is an nnfast model file but not a training "
+                         "checkpoint (those are written by fit(..., checkpoint=path))")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{os.fspath(path)!r} has checkpoint version "
+                         f"{state.get('version')!r}; this nnfast reads version "
+                         f"{CHECKPOINT_VERSION}")
+    extra = {k[len("ckpt."):]: v for k, v in arrays.items() if k.startswith("ckpt.")}
+    return header, state, extra, arrays

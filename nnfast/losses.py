@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .layers import SIGMOID, SOFTMAX
-from ._validation import check_finite
+from ._validation import as_array, cast_finite, check_finite
 
 # Loss codes, shared with the kernels (nnfast/_kernels.pyx: enum Loss).
 MSE, CROSS_ENTROPY, CROSS_ENTROPY_PROBS, BINARY_CROSS_ENTROPY = range(4)
@@ -57,7 +57,7 @@ def prepare_targets(loss: str, y, n_samples: int, n_outputs: int, dtype, name: s
     """
     if y is None:
         raise ValueError(f"{name} is required")
-    arr = np.asarray(y)
+    arr = as_array(y, name)
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be a numeric array, got dtype {arr.dtype}")
     if arr.ndim not in (1, 2):
@@ -85,8 +85,7 @@ def prepare_targets(loss: str, y, n_samples: int, n_outputs: int, dtype, name: s
     if arr.shape[1] != n_outputs:
         raise ValueError(f"{name} has {arr.shape[1]} columns but the model has {n_outputs} "
                          f"outputs")
-    T = np.ascontiguousarray(arr, dtype=dtype)
-    check_finite(T, name)
+    T = cast_finite(arr, dtype, name)
     if loss == "cross_entropy":
         sums = T.sum(axis=1, dtype=np.float64)
         if (T < 0).any() or not np.allclose(sums, 1.0, rtol=0, atol=1e-6 * max(1, n_outputs)

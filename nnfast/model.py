@@ -10,18 +10,60 @@ One training iteration, top to bottom::
 """
 from __future__ import annotations
 
+import functools
+import threading
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 from . import losses as _losses
-from ._validation import as_matrix, check_dtype, check_finite
+from ._validation import as_array, as_matrix, cast_finite, check_dtype, check_seed
 from .backends import Workspace, get_backend
 from .backends.base import count_correct
 from .layers import SOFTMAX, Dense
 
 # Rows per chunk in predict/evaluate, so a large X never makes a giant temporary.
 _CHUNK_ELEMS = 1 << 20
+
+
+_IN_USE = ("this model is in use by another thread (fit, predict, evaluate, "
+           "compute_gradients, an optimizer step or a weights call is running on it); use "
+           "one model per thread or serialise the calls")
+
+
+class _ModelGuard:
+    """One thread at a time per model: the parameters, gradient sums and workspace buffers
+    are shared by every call. Re-entrant for the owning thread (a callback may call
+    ``predict`` inside ``fit``); another thread gets a RuntimeError instead of waiting or
+    silently corrupting the buffers."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self):
+        self._lock = threading.RLock()
+
+    def __enter__(self):
+        if not self._lock.acquire(False):
+            raise RuntimeError(_IN_USE)
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+        return False
+
+
+def _exclusive(method):
+    """Run ``method`` holding the model's guard (see :class:`_ModelGuard`)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        lock = self._guard._lock
+        if not lock.acquire(False):
+            raise RuntimeError(_IN_USE)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            lock.release()
+    return wrapper
 
 
 class Sequential:
@@ -39,6 +81,14 @@ class Sequential:
         The same seed gives the same network on either backend.
     backend : {"cython", "numpy"}
         Compiled kernels (default) or the NumPy reference.
+
+    Notes
+    -----
+    Different models may be used from different threads at the same time (the kernels
+    release the GIL). One model is used by one thread at a time: ``fit``, ``predict``,
+    ``evaluate``, ``compute_gradients``, ``gradients``, ``zero_grad``, ``get_weights``,
+    ``set_weights`` and ``optimizer.step(model)`` raise ``RuntimeError`` while another
+    thread is inside one of them on the same model.
     """
 
     def __init__(self, *layers: Dense, dtype="float32", seed: Optional[int] = None,
@@ -57,8 +107,7 @@ class Sequential:
                 raise ValueError(f"softmax is allowed on the last layer only (layers[{i}])")
         if len(set(map(id, layers))) != len(layers):
             raise ValueError("the same Dense instance appears twice in layers")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        seed = check_seed(seed)
         self.layers: List[Dense] = list(layers)
         self.dtype = check_dtype(dtype)
         self.seed = seed
@@ -68,7 +117,20 @@ class Sequential:
             layer.build(rng, self.dtype)
         self._grad_count = 0
         self._workspace: Optional[Workspace] = None
+        self._guard = _ModelGuard()
         self.loss: Optional[str] = None   # loss of the last fit / compute_gradients
+        self.history = None               # History of the latest fit (updated as it runs)
+
+    def __getstate__(self):
+        # copy/pickle: the lock and the workspace (raw-pointer plan) are per instance
+        state = dict(self.__dict__)
+        state["_guard"] = None
+        state["_workspace"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._guard = _ModelGuard()
 
     # --- description -------------------------------------------------------------------
     @property
@@ -114,6 +176,7 @@ class Sequential:
         widest = max(max(layer.units for layer in self.layers), self.n_inputs)
         return max(1, _CHUNK_ELEMS // widest)
 
+    @_exclusive
     def predict(self, X) -> np.ndarray:
         """The last layer's activation for every row of ``X`` (probabilities for softmax
         and sigmoid), computed in chunks of rows. Returns a new (N, outputs) array."""
@@ -128,6 +191,7 @@ class Sequential:
             out[start:stop] = self._backend.forward(self.layers, X[start:stop], Z, A)
         return out
 
+    @_exclusive
     def evaluate(self, X, y, loss: Optional[str] = None) -> dict:
         """Loss of the whole set at the current weights (sample mean), plus ``accuracy``
         for classification losses (argmax for cross-entropy, 0.5 threshold for binary).
@@ -162,6 +226,7 @@ class Sequential:
         return result
 
     # --- gradients (the low-level loop) --------------------------------------------------
+    @_exclusive
     def compute_gradients(self, X, y, loss: str) -> float:
         """Forward + loss + backward on one batch; add the per-sample gradient sums.
 
@@ -188,6 +253,7 @@ class Sequential:
         """Samples whose gradients are summed in the buffers since the last step."""
         return self._grad_count
 
+    @_exclusive
     def gradients(self) -> List[np.ndarray]:
         """The averaged gradients (sum / samples), laid out like ``get_weights()``."""
         if self._grad_count == 0:
@@ -199,6 +265,7 @@ class Sequential:
             out.append(layer.db * scale)
         return out
 
+    @_exclusive
     def zero_grad(self) -> None:
         """Clear the gradient sums and the sample count."""
         for layer in self.layers:
@@ -212,6 +279,7 @@ class Sequential:
             yield layer.b, layer.db
 
     # --- weights ---------------------------------------------------------------------------
+    @_exclusive
     def get_weights(self) -> List[np.ndarray]:
         """Copies ``[W1 (in, out), b1 (out,), W2, b2, ...]``."""
         out = []
@@ -220,6 +288,7 @@ class Sequential:
             out.append(layer.b.copy())
         return out
 
+    @_exclusive
     def set_weights(self, weights: Sequence[np.ndarray]) -> None:
         """Replace all parameters (copied in, cast to the model dtype), checked first."""
         if isinstance(weights, np.ndarray) or not isinstance(weights, (list, tuple)):
@@ -233,14 +302,13 @@ class Sequential:
             is_w = i % 2 == 0
             shape = layer.W.shape if is_w else layer.b.shape
             name = f"weights[{i}] ({'W' if is_w else 'b'} of layer {i // 2})"
-            arr = np.asarray(w)
+            arr = as_array(w, name)
             if arr.dtype == object or arr.dtype.kind not in "biuf":
                 raise TypeError(f"{name} must be a numeric array, got dtype {arr.dtype}")
             if arr.shape != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
-            arr = np.array(arr, dtype=self.dtype, order="C", copy=True)
-            check_finite(arr, name)
-            checked.append(arr)
+            arr = cast_finite(arr, self.dtype, name)
+            checked.append(np.array(arr, copy=True) if arr is w else arr)
         for i, layer in enumerate(self.layers):
             layer.W[...] = checked[2 * i]
             layer.b[...] = checked[2 * i + 1]
@@ -249,13 +317,15 @@ class Sequential:
     def fit(self, X, y, loss: Optional[str] = None, optimizer=None, epochs: int = 1,
             batch_size: Optional[int] = 32, accumulate: int = 1, shuffle: bool = True,
             seed: Optional[int] = None, drop_last: bool = False, validation_data=None,
-            callbacks=(), verbose: int = 0, validation_split: float = 0.0):
+            callbacks=(), verbose: int = 0, validation_split: float = 0.0,
+            checkpoint=None, checkpoint_every: Optional[int] = None, resume: bool = False):
         """Train; see :func:`nnfast.training.fit` for every argument. Returns a History."""
         from .training import fit
         return fit(self, X, y, loss=loss, optimizer=optimizer, epochs=epochs,
                    batch_size=batch_size, accumulate=accumulate, shuffle=shuffle, seed=seed,
                    drop_last=drop_last, validation_data=validation_data, callbacks=callbacks,
-                   verbose=verbose, validation_split=validation_split)
+                   verbose=verbose, validation_split=validation_split, checkpoint=checkpoint,
+                   checkpoint_every=checkpoint_every, resume=resume)
 
     def save(self, path, optimizer=None) -> None:
         """Write the model (and optionally ``optimizer``'s state) atomically to ``path``."""

@@ -11,6 +11,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from ._interrupt import deferred_sigint
 from ._validation import real_number
 
 
@@ -39,17 +40,24 @@ class Optimizer:
     def step(self, model) -> None:
         """Update ``model``'s parameters with its averaged accumulated gradient, then
         clear the gradient sums. Raises ``ValueError`` if nothing was accumulated."""
-        count = model._grad_count
-        if count == 0:
-            raise ValueError("optimizer.step: no gradients accumulated since the last step "
-                             "(call model.compute_gradients first)")
-        self._bind(model)
-        self.iterations += 1
-        scale = 1.0 / count
-        backend = model._backend
-        for state, (param, grad) in zip(self._state, model._params_and_grads()):
-            self._update(backend, param.reshape(-1), grad.reshape(-1), state, scale)
-        model._grad_count = 0
+        guard = getattr(model, "_guard", None)
+        if guard is None:
+            raise TypeError("optimizer.step(model): model must be an nnfast Sequential, "
+                            f"got {type(model).__name__}")
+        # one thread per model, and Ctrl-C waits until every array is updated (a step
+        # is all or nothing; see nnfast._interrupt)
+        with guard, deferred_sigint():
+            count = model._grad_count
+            if count == 0:
+                raise ValueError("optimizer.step: no gradients accumulated since the last "
+                                 "step (call model.compute_gradients first)")
+            self._bind(model)
+            self.iterations += 1
+            scale = 1.0 / count
+            backend = model._backend
+            for state, (param, grad) in zip(self._state, model._params_and_grads()):
+                self._update(backend, param.reshape(-1), grad.reshape(-1), state, scale)
+            model._grad_count = 0
 
     def _update(self, backend, param, grad, state, scale):  # pragma: no cover - interface
         raise NotImplementedError
@@ -76,11 +84,15 @@ class Optimizer:
         return out
 
     def load_state(self, model, iterations: int, arrays: Dict[str, np.ndarray]) -> None:
-        """Restore state saved by ``state_arrays`` (shapes checked against ``model``)."""
-        self._model_ref = None
-        self._state = []
-        self._bind(model)
-        for i, (state, (param, _)) in enumerate(zip(self._state, model._params_and_grads())):
+        """Restore state saved by ``state_arrays`` (shapes checked against ``model``).
+
+        Everything is checked before anything changes: on ValueError the optimizer is
+        left as it was."""
+        if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) \
+                or iterations < 0:
+            raise ValueError(f"optimizer iterations must be an int >= 0, got {iterations!r}")
+        fresh = [self._new_state(p) for p, _ in model._params_and_grads()]
+        for i, state in enumerate(fresh):
             for key in state:
                 name = f"{i}.{key}"
                 if name not in arrays:
@@ -89,7 +101,13 @@ class Optimizer:
                 if arr.shape != state[key].shape:
                     raise ValueError(f"optimizer state {name!r} has shape {arr.shape}, "
                                      f"expected {state[key].shape}")
+                if arr.dtype.kind not in "biuf" or not np.all(np.isfinite(arr)):
+                    raise ValueError(f"optimizer state {name!r} must hold finite numbers "
+                                     f"(dtype {arr.dtype})")
                 state[key][...] = arr
+        self._model_ref = None
+        self._state = fresh
+        self._bind(model)
         self.iterations = int(iterations)
 
 
