@@ -166,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("output")
     g.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     g.add_argument("--save", metavar="PATH", help="save the trained model (.npz; nf.load)")
+    g.add_argument("--checkpoint", metavar="PATH",
+                   help="write a training checkpoint (atomically) at every epoch end, or "
+                        "every --checkpoint-every optimizer steps")
+    g.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="STEPS",
+                   help="checkpoint every STEPS optimizer steps (default: each epoch end)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run held in --checkpoint if that file exists "
+                        "(same options required); start afresh otherwise")
     g.add_argument("--plot", metavar="PNG", help="plot the loss/accuracy curves (matplotlib)")
     g.add_argument("--compare-numpy", action="store_true",
                    help="also time the same fit on the NumPy reference backend and print "
@@ -388,7 +396,10 @@ def _check_options(args) -> None:
     if args.compare_numpy and args.backend == "numpy":
         raise CLIError("--compare-numpy compares against the NumPy backend: train with "
                        "--backend cython")
-    for opt, path in (("--save", args.save), ("--plot", args.plot)):
+    if (args.resume or args.checkpoint_every) and not args.checkpoint:
+        raise CLIError("--resume and --checkpoint-every need --checkpoint PATH")
+    for opt, path in (("--save", args.save), ("--plot", args.plot),
+                      ("--checkpoint", args.checkpoint)):
         if path:
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder):
@@ -490,7 +501,9 @@ def cmd_train(args) -> int:
     with _progress_logging(not args.quiet):
         t0 = time.perf_counter()
         hist = model.fit(Xtr, ytr, optimizer=opt, validation_data=(Xte, yte),
-                         verbose=0 if args.quiet else 1, **_fit_kwargs(args))
+                         verbose=0 if args.quiet else 1, checkpoint=args.checkpoint,
+                         checkpoint_every=args.checkpoint_every, resume=args.resume,
+                         **_fit_kwargs(args))
         elapsed = time.perf_counter() - t0
     sys.stderr.flush()
     res = model.evaluate(Xte, yte)

@@ -300,3 +300,33 @@ def test_no_hidden_layer(capsys):
     assert rc == 0, err
     assert "64-10 (softmax output)" in out
     assert accuracy(out) > 0.8
+
+
+def test_checkpoint_and_resume_match_an_uninterrupted_run(tmp_path, capsys):
+    """train --checkpoint for 2 epochs, then --resume to 4: the final weights equal those
+    of one 4-epoch run."""
+    ckpt, full = tmp_path / "run.npz", tmp_path / "full.npz"
+    common = ["train", "--quiet", "--batch-size", "16", "--accumulate", "2", "--seed", "3"]
+    assert cli.main(common + ["--epochs", "2", "--checkpoint", str(ckpt)]) == 0
+    assert ckpt.exists() and len(nf.load(ckpt).get_weights()) == 4
+    assert cli.main(common + ["--epochs", "4", "--checkpoint", str(ckpt), "--resume"]) == 0
+    assert cli.main(common + ["--epochs", "4", "--save", str(full)]) == 0
+    for a, b in zip(nf.load(ckpt).get_weights(), nf.load(full).get_weights()):
+        assert np.array_equal(a, b)
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args", [["--resume"], ["--checkpoint-every", "5"]])
+def test_resume_options_need_checkpoint(args, capsys):
+    assert cli.main(["train", "--quiet", "--epochs", "1"] + args) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint" in err and "Traceback" not in err
+
+
+def test_resume_with_other_options_is_one_line_error(tmp_path, capsys):
+    ckpt = tmp_path / "run.npz"
+    assert cli.main(["train", "--quiet", "--epochs", "1", "--checkpoint", str(ckpt)]) == 0
+    rc = cli.main(["train", "--quiet", "--epochs", "2", "--batch-size", "64",
+                   "--checkpoint", str(ckpt), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "batch_size" in err and err.count("\n") == 1
