@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
 
@@ -20,6 +19,8 @@ FORMAT_VERSION = 1
 
 def atomic_write_npz(path, arrays: dict) -> None:
     """Write ``arrays`` to ``path`` as an .npz, atomically."""
+    import tempfile  # here, not at module level: keeps `import nnfast` light
+
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".nnfast-", suffix=".tmp", dir=folder)
