@@ -24,7 +24,9 @@ from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 import nnfast as nf                                                # noqa: E402
 from nnfast.sklearn import NNClassifier, NNRegressor               # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder holding the nnfast this process imported (site-packages in CI, the checkout
+# when run from a build in place): child processes must import the same one.
+NNFAST_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(nf.__file__)))
 
 
 def blobs(n=150, d=4, k=3, seed=0, spread=0.6):
@@ -48,7 +50,7 @@ def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
 
-def test_every_check_passes_including_array_api_and_pandas():
+def test_every_check_passes_including_array_api_and_pandas(tmp_path):
     """``check_estimator`` with on_fail=None, in a subprocess with SCIPY_ARRAY_API=1 (which
     must be set before SciPy is imported) so that the array-API check runs too: every
     check must pass; only a check that needs pandas may be skipped, when it is missing."""
@@ -69,9 +71,9 @@ for est in (NNClassifier(), NNRegressor()):
 print(json.dumps({"total": total, "bad": bad}))
 """
     env = dict(os.environ, SCIPY_ARRAY_API="1")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = NNFAST_PARENT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -79,12 +81,12 @@ print(json.dumps({"total": total, "bad": bad}))
     assert result["bad"] == []
 
 
-def test_import_nnfast_does_not_import_sklearn():
+def test_import_nnfast_does_not_import_sklearn(tmp_path):
     code = ("import sys, nnfast; assert 'sklearn' not in sys.modules; "
             "import nnfast.sklearn; assert 'sklearn' in sys.modules")
     env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    env["PYTHONPATH"] = NNFAST_PARENT + os.pathsep + env.get("PYTHONPATH", "")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
 
 
 # --------------------------------------------------------------------------- classifier
