@@ -39,6 +39,20 @@ cdef extern from "_simd.h":
     double nnf_ddot(const double* a, const double* b, long n) noexcept nogil
     void nnf_saxpy(float* y, float alpha, const float* x, long n) noexcept nogil
     void nnf_daxpy(double* y, double alpha, const double* x, long n) noexcept nogil
+    void nnf_sbias_add(float* z, const float* b, long n) noexcept nogil
+    void nnf_dbias_add(double* z, const double* b, long n) noexcept nogil
+    void nnf_sbias_relu(float* z, const float* b, float* a, long n) noexcept nogil
+    void nnf_dbias_relu(double* z, const double* b, double* a, long n) noexcept nogil
+    void nnf_sbias_leaky_relu(float* z, const float* b, float* a, long n, float slope) noexcept nogil
+    void nnf_dbias_leaky_relu(double* z, const double* b, double* a, long n, double slope) noexcept nogil
+    void nnf_srelu_backward(float* g, const float* a, long n) noexcept nogil
+    void nnf_drelu_backward(double* g, const double* a, long n) noexcept nogil
+    void nnf_sleaky_relu_backward(float* g, const float* a, long n, float slope) noexcept nogil
+    void nnf_dleaky_relu_backward(double* g, const double* a, long n, double slope) noexcept nogil
+    void nnf_stanh_backward(float* g, const float* a, long n) noexcept nogil
+    void nnf_dtanh_backward(double* g, const double* a, long n) noexcept nogil
+    void nnf_ssigmoid_backward(float* g, const float* a, long n) noexcept nogil
+    void nnf_dsigmoid_backward(double* g, const double* a, long n) noexcept nogil
 
 # Activation and loss codes shared with nnfast/layers.py and nnfast/losses.py.
 cpdef enum Activation:
@@ -237,8 +251,22 @@ cdef void _bias_activate_rows(floating* z, floating* bias, floating* a, int n, i
     for r in range(r0, r1):
         zr = z + r * n
         ar = a + r * n
-        for j in range(n):
-            zr[j] = zr[j] + bias[j]
+        if act == RELU:
+            if floating is float:
+                nnf_sbias_relu(zr, bias, ar, n)
+            else:
+                nnf_dbias_relu(zr, bias, ar, n)
+            continue
+        if act == LEAKY_RELU:
+            if floating is float:
+                nnf_sbias_leaky_relu(zr, bias, ar, n, <float>LEAKY_SLOPE)
+            else:
+                nnf_dbias_leaky_relu(zr, bias, ar, n, LEAKY_SLOPE)
+            continue
+        if floating is float:
+            nnf_sbias_add(zr, bias, n)
+        else:
+            nnf_dbias_add(zr, bias, n)
         if act == SOFTMAX:
             mx = zr[0]
             for j in range(1, n):
@@ -280,9 +308,28 @@ cdef void _bias_activate(floating* z, floating* bias, floating* a, Py_ssize_t m,
 cdef void _scale_by_slope_rows(floating* g, floating* a, int n, int act,
                                Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
     """G[r] *= act'(.) expressed through the stored activations A[r]."""
-    cdef Py_ssize_t i
-    for i in range(r0 * n, r1 * n):
-        g[i] = g[i] * _activation_slope(a[i], act)
+    cdef:
+        Py_ssize_t lo = r0 * n, cnt = (r1 - r0) * n
+    if act == RELU:
+        if floating is float:
+            nnf_srelu_backward(g + lo, a + lo, cnt)
+        else:
+            nnf_drelu_backward(g + lo, a + lo, cnt)
+    elif act == LEAKY_RELU:
+        if floating is float:
+            nnf_sleaky_relu_backward(g + lo, a + lo, cnt, <float>LEAKY_SLOPE)
+        else:
+            nnf_dleaky_relu_backward(g + lo, a + lo, cnt, LEAKY_SLOPE)
+    elif act == TANH:
+        if floating is float:
+            nnf_stanh_backward(g + lo, a + lo, cnt)
+        else:
+            nnf_dtanh_backward(g + lo, a + lo, cnt)
+    elif act == SIGMOID:
+        if floating is float:
+            nnf_ssigmoid_backward(g + lo, a + lo, cnt)
+        else:
+            nnf_dsigmoid_backward(g + lo, a + lo, cnt)
 
 
 cdef void _scale_by_slope(floating* g, floating* a, Py_ssize_t m, int n, int act) noexcept nogil:

@@ -23,4 +23,40 @@ static inline void nnf_daxpy(double *y, double alpha, const double *x, long n) {
     #pragma omp simd
     for (long i = 0; i < n; i++) y[i] += alpha * x[i];
 }
+
+/* Elementwise epilogues of the piecewise-linear activations, written as selects so they
+ * compile to blends: as branches, a ReLU on ~50 % positive data mispredicts every other
+ * element (measured: the two epilogues took 31 % of a B/32 training step).
+ * bias_*: z += b, then a = act(z) (a may be z). *_backward: g *= act'(z), from a. */
+#define NNF_EPILOGUES(P, T)                                                           \
+static inline void nnf_##P##bias_add(T *z, const T *b, long n) {                      \
+    _Pragma("omp simd")                                                               \
+    for (long i = 0; i < n; i++) z[i] += b[i];                                        \
+}                                                                                     \
+static inline void nnf_##P##bias_relu(T *z, const T *b, T *a, long n) {               \
+    _Pragma("omp simd")                                                               \
+    for (long i = 0; i < n; i++) { T v = z[i] + b[i]; z[i] = v; a[i] = v > 0 ? v : (T)0; } \
+}                                                                                     \
+static inline void nnf_##P##bias_leaky_relu(T *z, const T *b, T *a, long n, T slope) { \
+    _Pragma("omp simd")                                                               \
+    for (long i = 0; i < n; i++) { T v = z[i] + b[i]; z[i] = v; a[i] = v > 0 ? v : slope * v; } \
+}                                                                                     \
+static inline void nnf_##P##relu_backward(T *g, const T *a, long n) {                 \
+    _Pragma("omp simd")                                                               \
+    for (long i = 0; i < n; i++) g[i] = a[i] > 0 ? g[i] : (T)0;                       \
+}                                                                                     \
+static inline void nnf_##P##leaky_relu_backward(T *g, const T *a, long n, T slope) {  \
+    _Pragma("omp simd")                                                               \
+    for (long i = 0; i < n; i++) g[i] = a[i] > 0 ? g[i] : slope * g[i];               \
+}                                                                                     \
+static inline void nnf_##P##tanh_backward(T *g, const T *a, long n) {                 \
+    _Pragma("omp simd")                                                               \
+    for (long i = 0; i < n; i++) g[i] *= 1 - a[i] * a[i];                             \
+}                                                                                     \
+static inline void nnf_##P##sigmoid_backward(T *g, const T *a, long n) {              \
+    _Pragma("omp simd")                                                               \
+    for (long i = 0; i < n; i++) g[i] *= a[i] * (1 - a[i]);                           \
+}
+NNF_EPILOGUES(s, float)
+NNF_EPILOGUES(d, double)
 #endif
