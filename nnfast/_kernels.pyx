@@ -679,6 +679,25 @@ def gather_rows(const floating[:, ::1] X, const int64_t[::1] index, floating[:, 
 cdef Py_ssize_t SMALL_BATCH = 4
 
 
+# Networks with at most this many parameters train mid-size batches by splitting the
+# batch's rows across threads (see ``_net_iteration_split``); each thread needs its own
+# gradient buffer, so larger networks split every product instead.
+cdef Py_ssize_t ROW_SPLIT_MAX_PARAMS = 65536
+# fewest rows a thread gets in a row split (below it the fork/join costs more than it saves)
+cdef Py_ssize_t ROW_SPLIT_MIN_ROWS = 8
+
+
+def _set_row_split_max_params(Py_ssize_t n):
+    """Largest network (in parameters) whose plans split batches by rows; 0 turns the
+    row split off. Affects plans made afterwards. Returns the previous limit."""
+    global ROW_SPLIT_MAX_PARAMS
+    if n < 0:
+        raise ValueError("limit must be >= 0")
+    old = ROW_SPLIT_MAX_PARAMS
+    ROW_SPLIT_MAX_PARAMS = n
+    return old
+
+
 def _set_small_batch_limit(Py_ssize_t n):
     """Batches of fewer rows than this use the hand loops (for measuring the crossover;
     plans made afterwards size their scratch for it). Returns the previous limit."""
@@ -717,7 +736,12 @@ cdef struct Net:
     void** A
     void** G
     void* scratch             # per-thread partial outputs of the small-batch forward
-    int scratch_threads       # threads the scratch has room for
+    int scratch_threads       # threads the scratch (and split_grads) have room for
+    Py_ssize_t n_params
+    Py_ssize_t* param_offset  # 2 * n_layers: where W_l, b_l start in a flat gradient
+    void* split_grads         # scratch_threads flat gradients for the row split, or NULL
+    double* split_loss        # per-thread results of the row split
+    int64_t* split_correct
 
 
 cdef void _begin_step(OptSpec* opt) noexcept nogil:
@@ -939,6 +963,129 @@ cdef double _net_forward(Net* net, const floating* x, Py_ssize_t m) noexcept nog
     return 0
 
 
+cdef inline int _row_split_threads(Net* net, Py_ssize_t m) noexcept nogil:
+    """Threads for a row split of an m-row batch, or 1 for no split."""
+    cdef Py_ssize_t t
+    if net.split_grads == NULL or m < SMALL_BATCH:
+        return 1
+    t = min(<Py_ssize_t>min(_num_threads, net.scratch_threads), m // ROW_SPLIT_MIN_ROWS)
+    return <int>t if t > 1 else 1
+
+
+cdef double _slice_forward_backward(Net* net, const floating* x, Py_ssize_t r0,
+                                    Py_ssize_t r1, const floating* t, const int64_t* labels,
+                                    int loss, floating* grad, int64_t* correct) noexcept nogil:
+    """Forward, loss and backward of rows r0..r1 of the batch, serially; the gradient of
+    these rows goes to ``grad`` (a flat W0, b0, W1, ... buffer, overwritten), the model's
+    own gradient sums are not touched. Returns the rows' summed loss."""
+    cdef:
+        int L = net.n_layers, l, k, n, last = net.n_layers - 1, n_out = net.width[L]
+        int rows = <int>(r1 - r0)
+        double total
+        const floating* inp = x
+        floating* db
+    for l in range(L):
+        k = net.width[l]
+        n = net.width[l + 1]
+        _gemm(False, False, rows, n, k, <floating>1, <floating*>inp + r0 * k, k,
+              <floating*>net.W[l], n, <floating>0, <floating*>net.Z[l] + r0 * n, n)
+        _bias_activate_rows(<floating*>net.Z[l], <floating*>net.b[l], <floating*>net.A[l],
+                            n, net.act[l], r0, r1)
+        inp = <floating*>net.A[l]
+    total = _loss_rows(<floating*>net.Z[last], <floating*>net.A[last], <floating*>t,
+                       <int64_t*>labels, <floating*>net.G[last], n_out, loss, net.act[last],
+                       r0, r1)
+    if correct != NULL:
+        correct[0] = _count_correct(<floating*>net.A[last] + r0 * n_out,
+                                    t + r0 * n_out if t != NULL else NULL,
+                                    labels + r0 if labels != NULL else NULL, rows, n_out, loss)
+    if isnan(total) or isinf(total):
+        return total
+    for l in range(last, -1, -1):
+        k = net.width[l]
+        n = net.width[l + 1]
+        inp = x if l == 0 else <floating*>net.A[l - 1]
+        if l > 0:
+            _gemm(False, True, rows, k, n, <floating>1, <floating*>net.G[l] + r0 * n, n,
+                  <floating*>net.W[l], n, <floating>0, <floating*>net.G[l - 1] + r0 * k, k)
+            _scale_by_slope_rows(<floating*>net.G[l - 1], <floating*>net.A[l - 1], k,
+                                 net.act[l - 1], r0, r1)
+        _gemm(True, False, k, n, rows, <floating>1, <floating*>inp + r0 * k, k,
+              <floating*>net.G[l] + r0 * n, n, <floating>0, grad + net.param_offset[2 * l], n)
+        db = grad + net.param_offset[2 * l + 1]
+        memset(db, 0, n * sizeof(floating))
+        _add_column_sums(<floating*>net.G[l] + r0 * n, db, rows, n)
+    return total
+
+
+cdef void _reduce_and_update(Net* net, floating* grads, int nsplit, OptSpec* opt,
+                             bint update, bint fold, double scale, int part,
+                             int nparts) noexcept nogil:
+    """Part ``part`` of ``nparts`` of every parameter array: add the row split's
+    ``nsplit`` gradients into the gradient sums and, when ``update``, take the step on
+    that part; with ``fold`` (plain SGD, one micro-batch) apply them to the parameters
+    directly."""
+    cdef:
+        int j, u, l
+        Py_ssize_t size, chunk, lo, hi, off
+        floating* p
+        floating* g
+        floating neg = <floating>(-opt.lr * scale)
+    for j in range(2 * net.n_layers):
+        l = j // 2
+        size = <Py_ssize_t>net.width[l] * net.width[l + 1] if j % 2 == 0 else net.width[l + 1]
+        chunk = (size + nparts - 1) // nparts
+        lo = part * chunk
+        hi = min(size, lo + chunk)
+        if hi <= lo:
+            continue
+        p = <floating*>(net.W[l] if j % 2 == 0 else net.b[l])
+        g = <floating*>(net.dW[l] if j % 2 == 0 else net.db[l])
+        off = net.param_offset[j]
+        for u in range(nsplit):
+            if fold:
+                _axpy(p + lo, neg, grads + u * net.n_params + off + lo, hi - lo)
+            else:
+                _axpy(g + lo, <floating>1, grads + u * net.n_params + off + lo, hi - lo)
+        if update and not fold:
+            _update_range(opt, j, p, g, scale, lo, hi)
+
+
+cdef double _net_iteration_split(Net* net, const floating* x, Py_ssize_t m,
+                                 const floating* t, const int64_t* labels, int loss,
+                                 OptSpec* opt, bint update, bint fold, double scale,
+                                 int64_t* correct, int nsplit) noexcept nogil:
+    """``_net_iteration`` for small networks: every product of such a network is too
+    small to split across threads, so each of ``nsplit`` threads takes a block of the
+    batch's rows through forward, loss and backward into its own gradient buffer; a
+    second parallel pass adds the buffers (in thread order, so results depend only on
+    the thread count) and steps, each thread a slice of every parameter array."""
+    cdef:
+        int i
+        Py_ssize_t chunk = (m + nsplit - 1) // nsplit, lo, hi
+        double total = 0
+        int64_t right = 0
+        floating* grads = <floating*>net.split_grads
+    for i in prange(nsplit, num_threads=nsplit, schedule='static'):
+        lo = i * chunk
+        hi = min(m, lo + chunk)
+        net.split_loss[i] = _slice_forward_backward(
+            net, x, lo, hi, t, labels, loss, grads + i * net.n_params,
+            &net.split_correct[i] if correct != NULL else NULL)
+    for i in range(nsplit):
+        total += net.split_loss[i]
+        right += net.split_correct[i]
+    if correct != NULL:
+        correct[0] = right
+    if isnan(total) or isinf(total):
+        return total
+    if update:
+        _begin_step(opt)
+    for i in prange(nsplit, num_threads=nsplit, schedule='static'):
+        _reduce_and_update(net, grads, nsplit, opt, update, fold, scale, i, nsplit)
+    return total
+
+
 cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floating* t,
                            const int64_t* labels, int loss, OptSpec* opt, bint update,
                            bint fold, double scale, int64_t* correct) noexcept nogil:
@@ -951,6 +1098,10 @@ cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floa
         const floating* inp
         floating* dx
         floating* a_prev
+        int nsplit = _row_split_threads(net, m)
+    if nsplit > 1:
+        return _net_iteration_split(net, x, m, t, labels, loss, opt, update, fold, scale,
+                                    correct, nsplit)
     _net_forward(net, x, m)
     total = _loss(<floating*>net.Z[last], <floating*>net.A[last], <floating*>t,
                   <int64_t*>labels, <floating*>net.G[last], m, net.width[L], loss, net.act[last])
@@ -1087,12 +1238,31 @@ cdef class NetworkPlan:
                 or self.net.b == NULL or self.net.dW == NULL or self.net.db == NULL
                 or self.net.Z == NULL or self.net.A == NULL or self.net.G == NULL):
             raise MemoryError()
-        self.net.scratch_threads = max(1, nnf_omp_max_threads())
+        # room for the thread count in effect even where it exceeds the cores
+        self.net.scratch_threads = max(1, nnf_omp_max_threads(), _num_threads)
         cdef int widest = max(W.shape[1] for W in Ws)
         self.net.scratch = calloc(max(1, (self.net.scratch_threads - 1) * SMALL_BATCH * widest),
                                   8 if self.is64 else 4)
         if self.net.scratch == NULL:
             raise MemoryError()
+        self.net.param_offset = <Py_ssize_t*>calloc(2 * L, sizeof(Py_ssize_t))
+        self.net.split_loss = <double*>calloc(self.net.scratch_threads, sizeof(double))
+        self.net.split_correct = <int64_t*>calloc(self.net.scratch_threads, sizeof(int64_t))
+        if (self.net.param_offset == NULL or self.net.split_loss == NULL
+                or self.net.split_correct == NULL):
+            raise MemoryError()
+        self.net.n_params = 0
+        for l in range(L):
+            self.net.param_offset[2 * l] = self.net.n_params
+            self.net.n_params += Ws[l].shape[0] * Ws[l].shape[1]
+            self.net.param_offset[2 * l + 1] = self.net.n_params
+            self.net.n_params += Ws[l].shape[1]
+        self.net.split_grads = NULL
+        if self.net.scratch_threads > 1 and self.net.n_params <= ROW_SPLIT_MAX_PARAMS:
+            self.net.split_grads = calloc(self.net.scratch_threads * self.net.n_params,
+                                          8 if self.is64 else 4)
+            if self.net.split_grads == NULL:
+                raise MemoryError()
         self.net.width[0] = Ws[0].shape[0]
         for l in range(L):
             self.net.width[l + 1] = Ws[l].shape[1]
@@ -1107,6 +1277,10 @@ cdef class NetworkPlan:
 
     def __dealloc__(self):
         free(self.net.scratch)
+        free(self.net.param_offset)
+        free(self.net.split_grads)
+        free(self.net.split_loss)
+        free(self.net.split_correct)
         free(self.net.width)
         free(self.net.act)
         free(self.net.W)
