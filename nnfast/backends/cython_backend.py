@@ -13,14 +13,25 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     _IMPORT_ERROR = exc
 
 
+def _missing_kernels_message() -> str:
+    import os
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    msg = ("nnfast's compiled kernels are not built (install with `pip install .`); "
+           "use backend='numpy' meanwhile.")
+    if os.path.exists(os.path.join(os.path.dirname(package), "setup.py")):
+        # `python -m nnfast` run inside the checkout imports the source tree, which
+        # shadows the installed package
+        msg += (f" nnfast was imported from the source tree {package}, which shadows an "
+                "installed copy: run from another directory or use the `nnfast` command.")
+    return f"{msg} Import error: {_IMPORT_ERROR}"
+
+
 class CythonBackend(Backend):
     name = "cython"
 
     def __init__(self):
         if _kernels is None:  # pragma: no cover
-            raise ImportError(
-                "nnfast's compiled kernels are not built (install with `pip install .`); "
-                f"use backend='numpy' meanwhile. Import error: {_IMPORT_ERROR}")
+            raise ImportError(_missing_kernels_message())
         _threads.ensure_policy()
 
     dense_forward = staticmethod(_kernels.dense_forward) if _kernels else None
