@@ -7,8 +7,13 @@ Environment variables (all optional):
   build warns and falls back to the serial build.
 * ``NNFAST_NATIVE=1``  add ``-march=native`` (faster hand loops, non-portable binary).
 * ``NNFAST_DEBUG=1``   Cython bounds checks and wraparound on, ``-O0 -g``.
+* ``NNFAST_AVX2=0``    skip the AVX2+FMA build of the kernels. By default, on x86-64
+  with a compiler that takes ``-mavx2 -mfma``, the kernels are compiled twice:
+  ``nnfast._kernels`` for any CPU and ``nnfast._kernels_avx2``, which
+  ``nnfast._compiled`` picks at import when the CPU runs AVX2 and FMA.
 """
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -28,22 +33,36 @@ def _env_flag(name, default):
     return value.strip().lower() not in ("0", "false", "no", "off")
 
 
-def _openmp_works(compiler="cc"):
-    """Compile and link a tiny OpenMP program; True when that succeeds."""
-    src = "#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\nn+=1;\nreturn n>0?0:1;}\n"
+def _compiles(src, flags, compiler="cc"):
+    """Compile and link a tiny C program with ``flags``; True when that succeeds."""
     tmp = tempfile.mkdtemp()
     try:
         c_file = os.path.join(tmp, "t.c")
         with open(c_file, "w") as f:
             f.write(src)
         cc = os.environ.get("CC", compiler)
-        res = subprocess.run([cc, "-fopenmp", c_file, "-o", os.path.join(tmp, "t")],
+        res = subprocess.run([cc, *flags, c_file, "-o", os.path.join(tmp, "t")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return res.returncode == 0
     except OSError:
         return False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _openmp_works():
+    src = ("#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\n"
+           "n+=1;\nreturn n>0?0:1;}\n")
+    return _compiles(src, ["-fopenmp"])
+
+
+def _avx2_works():
+    """x86-64 and a compiler that builds AVX2+FMA code (running it is decided at import)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    src = ("#include <immintrin.h>\nint main(void){__m256 a=_mm256_set1_ps(1.f);"
+           "a=_mm256_fmadd_ps(a,a,a);return (int)_mm256_cvtss_f32(a)-3;}\n")
+    return _compiles(src, ["-mavx2", "-mfma"])
 
 
 use_openmp = _env_flag("NNFAST_OPENMP", True)
@@ -76,16 +95,26 @@ directives = {
     "nonecheck": debug,
 }
 
-extensions = [
-    Extension(
-        "nnfast._kernels",
-        ["nnfast/_kernels.pyx"],
+
+
+def _kernels_extension(name, extra_args=()):
+    return Extension(
+        f"nnfast.{name}",
+        [f"nnfast/{name}.pyx"],
         include_dirs=[numpy.get_include()],
-        extra_compile_args=compile_args,
+        extra_compile_args=compile_args + list(extra_args),
         extra_link_args=link_args,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
-]
+
+
+extensions = [_kernels_extension("_kernels")]
+if _env_flag("NNFAST_AVX2", True) and not native:
+    if _avx2_works():
+        extensions.append(_kernels_extension("_kernels_avx2", ["-mavx2", "-mfma"]))
+    else:
+        print("nnfast: not building the AVX2 kernels (not x86-64, or the compiler "
+              "refused -mavx2 -mfma)", file=sys.stderr)
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives=directives),

@@ -16,12 +16,10 @@ def pytest_report_header(config):
     import nnfast as nf
     from nnfast.bench import cpu_model, usable_cores
 
-    try:
-        from nnfast import _kernels
-        omp = bool(_kernels.openmp_enabled())
-    except ImportError:
-        omp = None
-    lines = [f"nnfast {nf.__version__} (openmp_enabled={omp}), numpy {np.__version__}, "
+    from nnfast import _compiled
+    omp = bool(_compiled.kernels.openmp_enabled()) if _compiled.kernels else None
+    lines = [f"nnfast {nf.__version__} (openmp_enabled={omp}, kernels={_compiled.variant}), "
+             f"numpy {np.__version__}, "
              f"CPU: {cpu_model()}, {usable_cores()} usable cores"]
     for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if k in os.environ:

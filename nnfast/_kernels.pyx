@@ -33,6 +33,8 @@ import numpy as np
 cdef extern from "_omp_shim.h":
     int nnf_openmp_enabled() noexcept nogil
     int nnf_omp_max_threads() noexcept nogil
+    int nnf_cpu_has_avx2_fma() noexcept nogil
+    const char* nnf_compiled_isa() noexcept nogil
 
 cdef extern from "_simd.h":
     float nnf_sdot(const float* a, const float* b, long n) noexcept nogil
@@ -80,6 +82,16 @@ cdef int _num_threads = 1
 def openmp_enabled():
     """True when this build was compiled with OpenMP."""
     return bool(nnf_openmp_enabled())
+
+
+def cpu_has_avx2_fma():
+    """Whether this CPU and OS run AVX2+FMA code (decides which kernel build is used)."""
+    return bool(nnf_cpu_has_avx2_fma())
+
+
+def compiled_isa():
+    """``"avx2"`` when this build was compiled for AVX2+FMA, else ``"generic"``."""
+    return nnf_compiled_isa().decode("ascii")
 
 
 def omp_max_threads():

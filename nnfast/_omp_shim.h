@@ -10,4 +10,25 @@ static int nnf_omp_max_threads(void) { return omp_get_max_threads(); }
 static int nnf_openmp_enabled(void) { return 0; }
 static int nnf_omp_max_threads(void) { return 1; }
 #endif
+
+/* 1 when this CPU (and the OS, which must save the YMM registers) runs AVX2 and FMA
+ * code: GCC's and Clang's __builtin_cpu_supports check both. Other compilers and
+ * other architectures answer 0, so only the portable kernels are used there. */
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+static int nnf_cpu_has_avx2_fma(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#else
+static int nnf_cpu_has_avx2_fma(void) { return 0; }
+#endif
+
+/* the instruction set this translation unit was compiled for */
+static const char *nnf_compiled_isa(void) {
+#if defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#else
+    return "generic";
+#endif
+}
 #endif

@@ -21,22 +21,19 @@ _state = {"threads": None, "applied": False}
 
 
 def _default_threads() -> int:
-    try:
-        from . import _kernels
-        n = _kernels.omp_max_threads() if _kernels.openmp_enabled() else 1
-    except ImportError:  # pragma: no cover - numpy-only install
+    from ._compiled import kernels
+    if kernels is not None:
+        n = kernels.omp_max_threads() if kernels.openmp_enabled() else 1
+    else:  # pragma: no cover - numpy-only install
         n = os.cpu_count() or 1
     return max(1, min(n, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                       else (os.cpu_count() or 1)))
 
 
 def _apply(n: int) -> None:
-    try:
-        from . import _kernels
-    except ImportError:  # pragma: no cover
-        _kernels = None
-    if _kernels is not None:
-        _kernels.set_kernel_threads(n)
+    from . import _compiled
+    for module in _compiled.loaded_modules():
+        module.set_kernel_threads(n)
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency

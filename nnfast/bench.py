@@ -169,13 +169,10 @@ def machine_info(torch_mod=None, torch_error=None) -> dict:
         "numpy": np.__version__,
         "nnfast": nf.__version__,
     }
-    try:
-        from . import _kernels
-        info["nnfast_compiled"] = True
-        info["nnfast_openmp"] = bool(_kernels.openmp_enabled())
-    except ImportError:
-        info["nnfast_compiled"] = False
-        info["nnfast_openmp"] = False
+    from . import _compiled
+    info["nnfast_compiled"] = _compiled.kernels is not None
+    info["nnfast_openmp"] = bool(_compiled.kernels and _compiled.kernels.openmp_enabled())
+    info["nnfast_kernels"] = _compiled.variant
     try:
         from threadpoolctl import threadpool_info
         info["blas"] = [
@@ -552,7 +549,8 @@ def format_machine(info, threads) -> str:
         f"Python {info['python']}, NumPy {info['numpy']} (BLAS: {blas}), "
         f"torch {info['torch'] or 'not available'}",
         f"nnfast {info['nnfast']}: compiled={info['nnfast_compiled']}, "
-        f"openmp_enabled={info['nnfast_openmp']}, threads={threads}",
+        f"openmp_enabled={info['nnfast_openmp']}, kernels={info['nnfast_kernels']}, "
+        f"threads={threads}",
     ]
     if "load_average" in info:
         la = info["load_average"]

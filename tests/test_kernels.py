@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 import pytest
 
-from nnfast import _kernels
+from nnfast._compiled import kernels as _kernels
 from nnfast import Dense, Sequential
 from nnfast.backends import Workspace, get_backend
 from nnfast.layers import IDENTITY, LEAKY_RELU, LEAKY_SLOPE, RELU, SIGMOID, SOFTMAX, TANH
@@ -205,6 +205,26 @@ def _loss_inputs(rng, code, act, M, K, dtype, scale):
     return Z, A, T, labels
 
 
+def _assert_tanh_grad_close(got, Z, A, T, labels, code):
+    """dZ = dL/dA * (1 - A^2) in float32 against the float64 evaluation of the same inputs.
+
+    1 - A^2 cancels as |A| -> 1: rounding A*A to float32 alone moves the factor by up to
+    eps*A^2, which relative to 1 - A^2 can exceed the float32 rtol. NumPy rounds A*A, a
+    build with FMA contraction does not, so the two float32 results differ by that much
+    and neither is the reference; both must be within it of the float64 value."""
+    _, ref = _loss_call(NP, *(np.asarray(v, dtype=np.float64) for v in (Z, A, T)),
+                        labels, code, TANH)
+    a2 = A.astype(np.float64) ** 2
+    slope = 1.0 - a2
+    dl_da = np.divide(ref, slope, out=np.zeros_like(ref), where=slope != 0)
+    eps = float(np.finfo(np.float32).eps)
+    rtol = RTOL[np.dtype(np.float32)]
+    scale = max(1.0, float(np.max(np.abs(ref))))
+    allowed = rtol * (np.abs(ref) + scale) + 2 * eps * a2 * np.abs(dl_da)
+    excess = np.abs(got.astype(np.float64) - ref) - allowed
+    assert np.all(excess <= 0), f"dZ off by more than allowed at {np.argmax(excess)}"
+
+
 def _loss_call(backend, Z, A, T, labels, code, act):
     dZ = np.full_like(Z, np.nan)
     total = backend.loss_gradient(Z, A, T, labels, dZ, code, act)
@@ -235,7 +255,10 @@ def test_loss_gradient_matches_numpy(dtype, case, shape, scale):
     assert np.all(np.isfinite(dc))
     assert tc >= -RTOL[np.dtype(dtype)] * _loss_scale(Z, T, tr)   # losses are >= 0
     assert_close(tc, tr, dtype, scale=_loss_scale(Z, T, tr), what="loss total")
-    assert_close(dc, dr, dtype, scale=max(1.0, float(np.max(np.abs(dr)))), what="dZ")
+    if act == TANH and dtype == np.float32:
+        _assert_tanh_grad_close(dc, Z, A, T, labels, code)
+    else:
+        assert_close(dc, dr, dtype, scale=max(1.0, float(np.max(np.abs(dr)))), what="dZ")
     # inputs are not modified
     for before, after in ((Z0, Z), (A0, A), (T0, T), (l0, labels)):
         np.testing.assert_array_equal(before, after)

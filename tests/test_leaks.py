@@ -101,7 +101,7 @@ def test_rss_stays_flat_over_200_rounds(tmp_path):
 def test_models_and_plans_are_freed(tmp_path, backend):
     """Without reference cycles: the model, its workspace and (compiled backend) its
     NetworkPlan go away with the last reference, also after an interrupted fit."""
-    from nnfast import _kernels
+    from nnfast._compiled import kernels as _kernels
 
     def plans():
         return sum(type(o) is _kernels.NetworkPlan for o in gc.get_objects())

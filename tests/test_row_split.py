@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import nnfast as nf
-from nnfast import _kernels
+from nnfast._compiled import kernels as _kernels
 
 pytestmark = pytest.mark.skipif(not _kernels.openmp_enabled(),
                                 reason="serial build: no threads, no row split")

@@ -1,16 +1,13 @@
-"""The compiled backend: each operation is one call into :mod:`nnfast._kernels`, and a
-whole iteration (or a run of iterations of an epoch) is one ``nogil`` call through a
+"""The compiled backend: each operation is one call into the kernels
+(:mod:`nnfast._kernels`, or its AVX2 build; :mod:`nnfast._compiled` picks), and a whole
+iteration (or a run of iterations of an epoch) is one ``nogil`` call through a
 ``NetworkPlan`` holding pointers to the model's buffers."""
 import numpy as np
 
-from .. import _threads
+from .. import _compiled, _threads
 from .base import Backend
 
-try:
-    from .. import _kernels
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _kernels = None
-    _IMPORT_ERROR = exc
+_kernels = _compiled.kernels
 
 
 def _missing_kernels_message() -> str:
@@ -23,7 +20,7 @@ def _missing_kernels_message() -> str:
         # shadows the installed package
         msg += (f" nnfast was imported from the source tree {package}, which shadows an "
                 "installed copy: run from another directory or use the `nnfast` command.")
-    return f"{msg} Import error: {_IMPORT_ERROR}"
+    return f"{msg} Import error: {_compiled.IMPORT_ERROR}"
 
 
 class CythonBackend(Backend):
