@@ -32,10 +32,12 @@ def _avx2_built():
 
 
 def _run(code, *args, **env_extra):
-    """Run ``code`` in a fresh interpreter that imports this same nnfast."""
+    """Run ``code`` in a fresh interpreter that imports this same nnfast (from its own
+    directory: ``-c`` puts the working directory first on sys.path, and in a checkout
+    with an installed copy the source tree would shadow it)."""
     env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT, **env_extra)
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, cwd=PACKAGE_PARENT, timeout=300)
 
 
 def test_the_chosen_build_is_the_best_this_cpu_runs():
