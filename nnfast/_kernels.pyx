@@ -37,6 +37,10 @@ cdef extern from "_omp_shim.h":
     const char* nnf_compiled_isa() noexcept nogil
 
 cdef extern from "_simd.h":
+    enum:
+        NNF_SMALL_BATCH
+        NNF_SMALL_BATCH_LARGE
+        NNF_SMALL_BATCH_SPLIT
     float nnf_sdot(const float* a, const float* b, long n) noexcept nogil
     double nnf_ddot(const double* a, const double* b, long n) noexcept nogil
     void nnf_saxpy(float* y, float alpha, const float* x, long n) noexcept nogil
@@ -686,9 +690,14 @@ def gather_rows(const floating[:, ::1] X, const int64_t[::1] index, floating[:, 
 # ----------------------------------------------------------------------------------
 # whole-network passes: one nogil call per iteration, or per run of iterations
 # ----------------------------------------------------------------------------------
-# Below this batch size the hand-written loops beat BLAS (each weight row is touched
-# once per pass for all rows of the batch, and zero activations are skipped).
-cdef Py_ssize_t SMALL_BATCH = 4
+# Below SMALL_BATCH rows the hand-written loops beat BLAS (each weight row is touched
+# once per pass for all rows of the batch, and zero activations are skipped). Layers of
+# at least PAR_MIN_ELEMS weights keep them up to SMALL_BATCH_LARGE rows, and up to
+# SMALL_BATCH_SPLIT when their rows are split across threads (each core streams only its
+# own rows, while gemm splits a few-row product badly). Measured per build: see _simd.h.
+cdef Py_ssize_t SMALL_BATCH = NNF_SMALL_BATCH
+cdef Py_ssize_t SMALL_BATCH_LARGE = NNF_SMALL_BATCH_LARGE
+cdef Py_ssize_t SMALL_BATCH_SPLIT = NNF_SMALL_BATCH_SPLIT
 
 
 # Networks with at most this many parameters train mid-size batches by splitting the
@@ -710,15 +719,24 @@ def _set_row_split_max_params(Py_ssize_t n):
     return old
 
 
-def _set_small_batch_limit(Py_ssize_t n):
-    """Batches of fewer rows than this use the hand loops (for measuring the crossover;
-    plans made afterwards size their scratch for it). Returns the previous limit."""
-    global SMALL_BATCH
-    if n < 1 or n > 4096:
-        raise ValueError("limit must be in [1, 4096]")
-    old = SMALL_BATCH
-    SMALL_BATCH = n
+def _set_small_batch_limits(Py_ssize_t every_layer, Py_ssize_t large_layer,
+                            Py_ssize_t split_layer):
+    """Batches of fewer rows than ``every_layer`` use the hand loops; for layers of at
+    least PAR_MIN_ELEMS weights, fewer than ``large_layer`` on one thread and fewer than
+    ``split_layer`` when split across threads (for measuring the crossover; plans made
+    afterwards size their scratch for it). Returns the previous triple."""
+    global SMALL_BATCH, SMALL_BATCH_LARGE, SMALL_BATCH_SPLIT
+    for v in (every_layer, large_layer, split_layer):
+        if not 1 <= v <= 4096:
+            raise ValueError("limits must be in [1, 4096]")
+    old = _small_batch_limits()
+    SMALL_BATCH, SMALL_BATCH_LARGE, SMALL_BATCH_SPLIT = every_layer, large_layer, split_layer
     return old
+
+
+def _small_batch_limits():
+    """(every_layer, large_layer, split_layer): see ``_set_small_batch_limits``."""
+    return (SMALL_BATCH, SMALL_BATCH_LARGE, SMALL_BATCH_SPLIT)
 
 cdef enum OptKind:
     OPT_NONE = 0
@@ -749,6 +767,7 @@ cdef struct Net:
     void** G
     void* scratch             # per-thread partial outputs of the small-batch forward
     int scratch_threads       # threads the scratch (and split_grads) have room for
+    Py_ssize_t scratch_rows   # batch rows the scratch has room for
     Py_ssize_t n_params
     Py_ssize_t* param_offset  # 2 * n_layers: where W_l, b_l start in a flat gradient
     void* split_grads         # scratch_threads flat gradients for the row split, or NULL
@@ -815,6 +834,18 @@ cdef inline int _small_threads(Net* net, int k, int n) noexcept nogil:
     if <double>k * n < PAR_MIN_ELEMS or t < 2:
         return 1
     return min(t, k)
+
+
+cdef inline bint _hand_loops(Net* net, Py_ssize_t m, int k, int n) noexcept nogil:
+    """Whether an m-row pass of a (k, n) layer runs the hand loops rather than gemm
+    (never for more rows than the plan's scratch holds: the limits are module knobs)."""
+    if m > net.scratch_rows:
+        return False
+    if m < SMALL_BATCH:
+        return True
+    if <double>k * n < PAR_MIN_ELEMS:
+        return False
+    return m < (SMALL_BATCH_SPLIT if _small_threads(net, k, n) > 1 else SMALL_BATCH_LARGE)
 
 
 cdef void _small_forward(Net* net, const floating* x, Py_ssize_t m, int k, int n,
@@ -964,7 +995,7 @@ cdef double _net_forward(Net* net, const floating* x, Py_ssize_t m) noexcept nog
     for l in range(net.n_layers):
         k = net.width[l]
         n = net.width[l + 1]
-        if m < SMALL_BATCH:
+        if _hand_loops(net, m, k, n):
             _small_forward(net, inp, m, k, n, <floating*>net.W[l], <floating*>net.Z[l])
         else:
             _pgemm(False, False, <int>m, n, k, <floating>1, <floating*>inp, k,
@@ -1129,7 +1160,7 @@ cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floa
         inp = x if l == 0 else <floating*>net.A[l - 1]
         dx = <floating*>net.G[l - 1] if l > 0 else NULL
         a_prev = <floating*>net.A[l - 1] if l > 0 else NULL
-        if m < SMALL_BATCH:
+        if _hand_loops(net, m, k, n):
             _small_backward(net, inp, <floating*>net.G[l], m, k, n, <floating*>net.W[l],
                             <floating*>net.dW[l], <floating*>net.b[l], <floating*>net.db[l],
                             dx, a_prev, net.act[l - 1] if l > 0 else IDENTITY,
@@ -1253,8 +1284,10 @@ cdef class NetworkPlan:
         # room for the thread count in effect even where it exceeds the cores
         self.net.scratch_threads = max(1, nnf_omp_max_threads(), _num_threads)
         cdef int widest = max(W.shape[1] for W in Ws)
-        self.net.scratch = calloc(max(1, (self.net.scratch_threads - 1) * SMALL_BATCH * widest),
-                                  8 if self.is64 else 4)
+        self.net.scratch_rows = max(SMALL_BATCH, SMALL_BATCH_LARGE, SMALL_BATCH_SPLIT)
+        self.net.scratch = calloc(
+            max(1, (self.net.scratch_threads - 1) * self.net.scratch_rows * widest),
+            8 if self.is64 else 4)
         if self.net.scratch == NULL:
             raise MemoryError()
         self.net.param_offset = <Py_ssize_t*>calloc(2 * L, sizeof(Py_ssize_t))

@@ -2,6 +2,21 @@
  * (enabled by -fopenmp or -fopenmp-simd; without either the loops stay scalar). */
 #ifndef NNFAST_SIMD_H
 #define NNFAST_SIMD_H
+
+/* Batch rows below which the hand loops beat gemm, measured per build (2-core EPYC,
+ * OpenBLAS): NNF_SMALL_BATCH for every layer; for layers of at least PAR_MIN_ELEMS
+ * weights, NNF_SMALL_BATCH_LARGE on one thread and NNF_SMALL_BATCH_SPLIT when their rows
+ * are split across threads. With 8-wide FMA the loops win on 784-256-128-10 up to 6 rows
+ * on one thread (A/6: 1.25x gemm) and up to 9 on two (A/8: 1.2-1.4x, A/10: 0.95x), but
+ * not on narrow layers (64-128-10 at 6 rows: 0.79x); with SSE2 they lose from 4 rows on. */
+#define NNF_SMALL_BATCH 4
+#if defined(__AVX2__) && defined(__FMA__)
+#define NNF_SMALL_BATCH_LARGE 7
+#define NNF_SMALL_BATCH_SPLIT 10
+#else
+#define NNF_SMALL_BATCH_LARGE 4
+#define NNF_SMALL_BATCH_SPLIT 4
+#endif
 static inline float nnf_sdot(const float *a, const float *b, long n) {
     float s = 0.0f;
     #pragma omp simd reduction(+:s)

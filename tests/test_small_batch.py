@@ -1,0 +1,105 @@
+"""Hand loops vs gemm (issue 4 fast paths).
+
+Small batches run hand-written loops over W's rows instead of gemm: below 4 rows for
+every layer and, in the AVX2 build, up to 6 rows for layers of at least 32,768 weights on
+one thread and up to 9 when their rows are split across threads (limits measured per
+build, ``_simd.h``). Whichever path a layer takes, training must give the same result:
+here each batch size from 1 to 12 is trained with the limits forcing gemm everywhere,
+forcing the hand loops everywhere, and at the build's defaults, against each other and
+the NumPy backend. The limits are module knobs; a plan made before they are raised must
+not run the hand loops on more rows than its scratch holds.
+"""
+import numpy as np
+import pytest
+
+import nnfast as nf
+from nnfast._compiled import kernels as _kernels
+
+GEMM_ONLY = (1, 1, 1)
+HAND_ONLY = (16, 16, 16)
+
+
+@pytest.fixture(params=[1, 2], ids=["1t", "2t"])
+def threads(request):
+    before = nf.get_num_threads()
+    nf.set_num_threads(request.param)
+    yield request.param
+    nf.set_num_threads(before)
+
+
+def with_limits(limits, fn):
+    old = _kernels._set_small_batch_limits(*limits)
+    try:
+        return fn()
+    finally:
+        _kernels._set_small_batch_limits(*old)
+
+
+def make(dtype, backend="cython"):
+    # the first two layers are "large" (>= 32,768 weights), the last is narrow
+    return nf.Sequential(nf.Dense(200, 200, activation="relu"),
+                         nf.Dense(200, 170, activation="tanh"),
+                         nf.Dense(170, 6, activation="softmax"), seed=4, dtype=dtype,
+                         backend=backend)
+
+
+def data(dtype, n=37):
+    rng = np.random.default_rng(9)
+    X = rng.standard_normal((n, 200))
+    X[rng.random(X.shape) < 0.3] = 0.0
+    return X.astype(dtype), rng.integers(0, 6, n)
+
+
+def train(dtype, batch, backend="cython", optimizer=None):
+    m = make(dtype, backend)
+    X, y = data(dtype)
+    h = m.fit(X, y, loss="cross_entropy", optimizer=optimizer or nf.SGD(lr=0.05),
+              epochs=2, batch_size=batch, seed=1)
+    return m.get_weights(), h.history["loss"]
+
+
+def test_default_limits_are_ordered():
+    every, large, split = _kernels._small_batch_limits()
+    assert 1 <= every <= large <= split
+    if _kernels.compiled_isa() == "avx2":
+        assert split > every     # the measured AVX2 crossover is above 4 rows
+
+
+@pytest.mark.parametrize("batch", range(1, 13))
+@pytest.mark.parametrize("optimizer", [lambda: nf.SGD(lr=0.05),
+                                       lambda: nf.SGD(lr=0.005, momentum=0.9)],
+                         ids=["sgd", "momentum"])
+def test_every_path_trains_alike(threads, batch, optimizer):
+    ref_w, ref_loss = train(np.float64, batch, backend="numpy", optimizer=optimizer())
+    for limits in (GEMM_ONLY, HAND_ONLY, _kernels._small_batch_limits()):
+        w, loss = with_limits(limits, lambda: train(np.float64, batch, optimizer=optimizer()))
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-10)
+        for a, b in zip(w, ref_w):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("batch", [5, 8])
+def test_float32_paths_agree(threads, batch):
+    ref_w, _ = train(np.float32, batch, backend="numpy")
+    for limits in (GEMM_ONLY, HAND_ONLY):
+        w, _ = with_limits(limits, lambda: train(np.float32, batch))
+        for a, b in zip(w, ref_w):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_raising_the_limits_after_a_plan_exists_is_safe(threads):
+    # the plan's scratch is sized for the limits at its creation (all gemm here); after
+    # the limits are raised it must keep using gemm for batches its scratch cannot hold
+    X, y = data(np.float64)
+    m = with_limits(GEMM_ONLY, lambda: (lambda mm: (mm.fit(X, y, loss="cross_entropy",
+                    optimizer=nf.SGD(lr=0.05), epochs=1, batch_size=12, seed=1), mm)[1])(
+                    make(np.float64)))
+    ref = make(np.float64, backend="numpy")
+    ref.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.05), epochs=1, batch_size=12,
+            seed=1)
+    with_limits((4096, 4096, 4096), lambda: m.fit(X, y, loss="cross_entropy",
+                optimizer=nf.SGD(lr=0.05), epochs=2, batch_size=12, seed=2))
+    ref.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.05), epochs=2, batch_size=12,
+            seed=2)
+    for a, b in zip(m.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
