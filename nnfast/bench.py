@@ -159,6 +159,32 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def import_times(runs: int = 5) -> dict:
+    """Milliseconds to ``import nnfast`` in a fresh interpreter, and how much of that is
+    NumPy: each run is ``python -X importtime -c "import nnfast"`` (the interpreter's own
+    per-module cumulative times), median of ``runs``. Run from the directory above the
+    imported package so that this same nnfast is measured."""
+    import re
+    import subprocess
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(nf.__file__)))
+    env = dict(os.environ, PYTHONPATH=parent)
+    totals, numpys = [], []
+    for _ in range(runs):
+        res = subprocess.run([sys.executable, "-X", "importtime", "-c", "import nnfast"],
+                             capture_output=True, text=True, env=env, cwd=parent, timeout=60)
+        cumulative = {}
+        for line in res.stderr.splitlines():
+            m = re.match(r"import time:\s+\d+ \|\s+(\d+) \|\s*(\S+)$", line)
+            if m:
+                cumulative[m.group(2)] = int(m.group(1))
+        if res.returncode != 0 or "nnfast" not in cumulative:
+            raise RuntimeError(f"import nnfast failed: {res.stderr[-500:]}")
+        totals.append(cumulative["nnfast"] / 1000)
+        numpys.append(cumulative.get("numpy", 0) / 1000)
+    return {"import_nnfast_ms": statistics.median(totals),
+            "of_which_numpy_ms": statistics.median(numpys), "runs": runs}
+
+
 def machine_info(torch_mod=None, torch_error=None) -> dict:
     info = {
         "cpu": cpu_model(),
@@ -711,6 +737,10 @@ def main(argv=None) -> int:
         peak = gemm_peak(np.dtype(dtype), gemm_size, repeats=3 if args.quick else 5,
                          threads=threads)
         print(format_machine(info, threads), flush=True)
+        imports = import_times(runs=2 if args.quick else 5)
+        print(f"import nnfast: {imports['import_nnfast_ms']:.0f} ms (of which NumPy "
+              f"{imports['of_which_numpy_ms']:.0f} ms), fresh interpreter, median of "
+              f"{imports['runs']}", flush=True)
         log(f"running {len(cases)} case(s) x {len(contenders)} contender(s) x {rounds} "
             f"round(s) ...")
         results = run_benchmarks(cases, contenders, dtype, timing, args.predict,
@@ -756,6 +786,7 @@ def main(argv=None) -> int:
         },
         "gemm_peak_gflops": peak,
         "gemm_peak_gflops_before_after": peaks,
+        "import_time": imports,
         "cases": results,
     }
     if args.json:
