@@ -91,15 +91,15 @@ def test_raising_the_limits_after_a_plan_exists_is_safe(threads):
     # the plan's scratch is sized for the limits at its creation (all gemm here); after
     # the limits are raised it must keep using gemm for batches its scratch cannot hold
     X, y = data(np.float64)
-    m = with_limits(GEMM_ONLY, lambda: (lambda mm: (mm.fit(X, y, loss="cross_entropy",
-                    optimizer=nf.SGD(lr=0.05), epochs=1, batch_size=12, seed=1), mm)[1])(
-                    make(np.float64)))
-    ref = make(np.float64, backend="numpy")
-    ref.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.05), epochs=1, batch_size=12,
-            seed=1)
-    with_limits((4096, 4096, 4096), lambda: m.fit(X, y, loss="cross_entropy",
-                optimizer=nf.SGD(lr=0.05), epochs=2, batch_size=12, seed=2))
-    ref.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.05), epochs=2, batch_size=12,
-            seed=2)
+    m, ref = make(np.float64), make(np.float64, backend="numpy")
+
+    def fit(model, epochs, seed):
+        model.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.05), epochs=epochs,
+                  batch_size=12, seed=seed)
+
+    with_limits(GEMM_ONLY, lambda: fit(m, 1, 1))          # the plan is made here
+    with_limits((4096, 4096, 4096), lambda: fit(m, 2, 2))
+    fit(ref, 1, 1)
+    fit(ref, 2, 2)
     for a, b in zip(m.get_weights(), ref.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
