@@ -3,8 +3,8 @@
 On x86-64, setup.py compiles ``_kernels.pyx`` twice: ``nnfast._kernels`` for any x86-64
 CPU (SSE2) and ``nnfast._kernels_avx2`` with ``-mavx2 -mfma``. The hand-written loops
 (small batches: one axpy or dot per weight row) and the elementwise epilogues are
-twice as wide with AVX2 (measured at A/1, 784-256-128-10 at batch 1: 12K -> 25K
-samples/s on 2 cores). The portable build is imported first and asks the CPU; the AVX2
+twice as wide with AVX2 (measured at A/1, 784-256-128-10 at batch 1, one thread:
+12.5K -> 19.5K samples/s). The portable build is imported first and asks the CPU; the AVX2
 build is imported only when the CPU (and the OS) run AVX2 and FMA, since importing it
 elsewhere would crash on an illegal instruction.
 
@@ -32,51 +32,40 @@ def _requested() -> str:
     return value
 
 
-def _load_avx2(generic_module):
-    if not generic_module.cpu_has_avx2_fma():
+def module_for(name: str):
+    """The kernel module of build ``name`` (``ImportError`` when it cannot run here)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown kernel build {name!r}; expected one of {VARIANTS}")
+    from . import _kernels   # the portable build: always importable, and asks the CPU
+    if name == "generic":
+        return _kernels
+    if not _kernels.cpu_has_avx2_fma():
         raise ImportError("this CPU does not run AVX2 and FMA")
     from . import _kernels_avx2
     return _kernels_avx2
 
 
-def _load():
-    requested = _requested()
-    from . import _kernels as generic_module
-    if requested == "generic":
-        return generic_module, "generic"
-    try:
-        return _load_avx2(generic_module), "avx2"
-    except ImportError:
-        if requested == "avx2":
-            raise
-        return generic_module, "generic"
-
-
 def available_variants() -> list:
     """Names of the kernel builds this machine can run (for tests and benchmarks)."""
     names = []
-    try:
-        generic_module = module_for("generic")
-    except ImportError:
-        return names
-    names.append("generic")
-    try:
-        _load_avx2(generic_module)
-        names.append("avx2")
-    except ImportError:
-        pass
+    for name in VARIANTS:
+        try:
+            module_for(name)
+        except ImportError:
+            continue
+        names.append(name)
     return names
 
 
-def module_for(name: str):
-    """The kernel module of build ``name`` (``ImportError`` when it cannot run here)."""
-    if name == "generic":
-        from . import _kernels
-        return _kernels
-    if name == "avx2":
-        from . import _kernels
-        return _load_avx2(_kernels)
-    raise ValueError(f"unknown kernel build {name!r}; expected one of {VARIANTS}")
+def _load():
+    """The best build this CPU runs, or the one NNFAST_KERNELS names."""
+    requested = _requested()
+    if requested != "auto":
+        return module_for(requested), requested
+    try:
+        return module_for("avx2"), "avx2"
+    except ImportError:
+        return module_for("generic"), "generic"
 
 
 def loaded_modules() -> list:

@@ -7,7 +7,7 @@
  * OpenBLAS): NNF_SMALL_BATCH for every layer; for layers of at least PAR_MIN_ELEMS
  * weights, NNF_SMALL_BATCH_LARGE on one thread and NNF_SMALL_BATCH_SPLIT when their rows
  * are split across threads. With 8-wide FMA the loops win on 784-256-128-10 up to 6 rows
- * on one thread (A/6: 1.25x gemm) and up to 9 on two (A/8: 1.2-1.4x, A/10: 0.95x), but
+ * on one thread (A/6: 1.25x gemm) and up to 9 on two (A/8: 1.05-1.6x, A/10: 0.95x), but
  * not on narrow layers (64-128-10 at 6 rows: 0.79x); with SSE2 they lose from 4 rows on. */
 #define NNF_SMALL_BATCH 4
 #if defined(__AVX2__) && defined(__FMA__)
