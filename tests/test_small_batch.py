@@ -103,3 +103,31 @@ def test_raising_the_limits_after_a_plan_exists_is_safe(threads):
     fit(ref, 2, 2)
     for a, b in zip(m.get_weights(), ref.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+# The hand loops' dot and axpy run four vectors per trip, then single vectors, then
+# scalars (_simd.h): every width from 1 to 41 hits a different mix of those three parts
+# (8 floats or 4 doubles per AVX2 vector, 4 or 2 per SSE2 vector).
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 24, 31, 32, 33,
+                                   36, 40, 41])
+def test_hand_loops_at_every_vector_tail(width, dtype):
+    rng = np.random.default_rng(width)
+    X = rng.standard_normal((23, width)).astype(dtype)
+    y = rng.integers(0, 3, 23)
+
+    def fit(backend):
+        m = nf.Sequential(nf.Dense(width, width + 3, activation="relu"),
+                          nf.Dense(width + 3, width, activation="tanh"),
+                          nf.Dense(width, 3, activation="softmax"), seed=2, dtype=dtype,
+                          backend=backend)
+        h = m.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.1), epochs=2,
+                  batch_size=3, seed=5)
+        return m.get_weights(), h.history["loss"]
+
+    ref_w, ref_loss = fit("numpy")
+    w, loss = with_limits(HAND_ONLY, lambda: fit("cython"))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(loss, ref_loss, **tol)
+    for a, b in zip(w, ref_w):
+        np.testing.assert_allclose(a, b, **tol)
