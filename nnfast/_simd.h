@@ -4,18 +4,20 @@
 #define NNFAST_SIMD_H
 
 /* Batch rows below which the hand loops beat gemm, measured per build (2-core EPYC,
- * OpenBLAS): NNF_SMALL_BATCH for every layer; for layers of at least PAR_MIN_ELEMS
- * weights, NNF_SMALL_BATCH_LARGE on one thread and NNF_SMALL_BATCH_SPLIT when their rows
- * are split across threads. With 8-wide FMA the loops win on 784-256-128-10 up to 6 rows
- * on one thread (A/6: 1.25x gemm) and up to 9 on two (A/8: 1.05-1.6x, A/10: 0.95x), but
- * not on narrow layers (64-128-10 at 6 rows: 0.79x); with SSE2 they lose from 4 rows on. */
+ * OpenBLAS, in-process A/B of the limits, median of 5-7 alternating pairs):
+ * NNF_SMALL_BATCH for every layer; for layers of at least PAR_MIN_ELEMS weights,
+ * NNF_SMALL_BATCH_LARGE on one thread and NNF_SMALL_BATCH_SPLIT when their rows are split
+ * across threads. On 784-256-128-10, hand loops / gemm: AVX2 one thread 1.21 at 7 rows,
+ * 1.04 at 8, 0.90 at 10; two threads 1.43 at 12, 1.01 at 13, 0.98 at 14, 0.72 at 16.
+ * SSE2 one thread 1.09 at 6, 0.73 at 8; two threads 1.13 at 6, 0.91 at 8. Narrow layers
+ * (64-128-10) lose from 4 rows on (0.92 at 4, 0.72 at 6) and win below (1.38 at 3). */
 #define NNF_SMALL_BATCH 4
 #if defined(__AVX2__) && defined(__FMA__)
-#define NNF_SMALL_BATCH_LARGE 7
-#define NNF_SMALL_BATCH_SPLIT 10
+#define NNF_SMALL_BATCH_LARGE 9
+#define NNF_SMALL_BATCH_SPLIT 13
 #else
-#define NNF_SMALL_BATCH_LARGE 4
-#define NNF_SMALL_BATCH_SPLIT 4
+#define NNF_SMALL_BATCH_LARGE 7
+#define NNF_SMALL_BATCH_SPLIT 7
 #endif
 /* dot and axpy, the inner loops of the small-batch kernels. With AVX2 or SSE2 they are
  * written out by hand (NNF_DOT_AXPY, one body for both widths), four vectors per trip,
