@@ -45,6 +45,16 @@ cdef extern from "_simd.h":
     double nnf_ddot(const double* a, const double* b, long n) noexcept nogil
     void nnf_saxpy(float* y, float alpha, const float* x, long n) noexcept nogil
     void nnf_daxpy(double* y, double alpha, const double* x, long n) noexcept nogil
+    int nnf_snarrow(long n) noexcept nogil
+    int nnf_dnarrow(long n) noexcept nogil
+    float nnf_snarrow_dot(const float* a, const float* b, long n) noexcept nogil
+    double nnf_dnarrow_dot(const double* a, const double* b, long n) noexcept nogil
+    void nnf_snarrow_axpy(float* y, float alpha, const float* x, long n) noexcept nogil
+    void nnf_dnarrow_axpy(double* y, double alpha, const double* x, long n) noexcept nogil
+    void nnf_snarrow_forward(const float* x, const float* w, long i0, long i1, long n,
+                             float* z) noexcept nogil
+    void nnf_dnarrow_forward(const double* x, const double* w, long i0, long i1, long n,
+                             double* z) noexcept nogil
     void nnf_sbias_add(float* z, const float* b, long n) noexcept nogil
     void nnf_dbias_add(double* z, const double* b, long n) noexcept nogil
     void nnf_sbias_relu(float* z, const float* b, float* a, long n) noexcept nogil
@@ -169,6 +179,34 @@ cdef inline void _axpy(floating* y, floating alpha, const floating* x, Py_ssize_
         nnf_saxpy(y, alpha, x, n)
     else:
         nnf_daxpy(y, alpha, x, n)
+
+cdef inline bint _narrow(floating* typed, Py_ssize_t n) noexcept nogil:
+    """Whether rows of n values take the narrow-row kernels (_simd.h; AVX2 build only)."""
+    if floating is float:
+        return nnf_snarrow(n)
+    else:
+        return nnf_dnarrow(n)
+
+cdef inline floating _narrow_dot(const floating* a, const floating* b,
+                                 Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        return nnf_snarrow_dot(a, b, n)
+    else:
+        return nnf_dnarrow_dot(a, b, n)
+
+cdef inline void _narrow_axpy(floating* y, floating alpha, const floating* x,
+                              Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        nnf_snarrow_axpy(y, alpha, x, n)
+    else:
+        nnf_dnarrow_axpy(y, alpha, x, n)
+
+cdef inline void _narrow_forward(const floating* x, const floating* w, Py_ssize_t i0,
+                                 Py_ssize_t i1, Py_ssize_t n, floating* z) noexcept nogil:
+    if floating is float:
+        nnf_snarrow_forward(x, w, i0, i1, n, z)
+    else:
+        nnf_dnarrow_forward(x, w, i0, i1, n, z)
 
 cdef inline floating _sigmoid(floating x) noexcept nogil:
     # two branches so exp never overflows
@@ -818,6 +856,10 @@ cdef void _small_forward_rows(const floating* x, Py_ssize_t m, int k, int n,
     cdef:
         Py_ssize_t r, i
         floating xv
+    if _narrow(z, n):
+        for r in range(m):
+            _narrow_forward(x + r * k, w, i0, i1, n, z + r * n)
+        return
     memset(z, 0, m * n * sizeof(floating))
     for i in range(i0, i1):
         for r in range(m):
@@ -882,6 +924,10 @@ cdef void _small_backward_rows(const floating* x, const floating* dz, Py_ssize_t
         floating xv, sl
         floating* wi
         floating neg = <floating>(-opt.lr * scale) if fold else 0
+    if _narrow(w, n):
+        _small_backward_narrow_rows(x, dz, m, k, n, w, dw, dx, a_prev, act_prev, opt, jw,
+                                    update, fold, scale, i0, i1)
+        return
     for i in range(i0, i1):
         wi = w + i * n
         if dx != NULL:
@@ -895,6 +941,32 @@ cdef void _small_backward_rows(const floating* x, const floating* dz, Py_ssize_t
                     _axpy(wi, neg * xv, dz + r * n, n)
                 else:
                     _axpy(dw + i * n, xv, dz + r * n, n)
+        if update and not fold:
+            _update_range(opt, jw, w, dw, scale, i * n, (i + 1) * n)
+
+
+cdef void _small_backward_narrow_rows(const floating* x, const floating* dz, Py_ssize_t m,
+                                     int k, int n, floating* w, floating* dw, floating* dx,
+                                     const floating* a_prev, int act_prev, OptSpec* opt,
+                                     int jw, bint update, bint fold, double scale,
+                                     Py_ssize_t i0, Py_ssize_t i1) noexcept nogil:
+    """``_small_backward_rows`` for rows of a narrow W (``_narrow``): two vectors per row
+    and no branches (a zero input adds zero)."""
+    cdef:
+        Py_ssize_t r, i
+        floating* wi
+        floating neg = <floating>(-opt.lr * scale) if fold else 0
+    for i in range(i0, i1):
+        wi = w + i * n
+        if dx != NULL:
+            for r in range(m):
+                dx[r * k + i] = (_narrow_dot(dz + r * n, wi, n)
+                                 * _activation_slope(a_prev[r * k + i], act_prev))
+        for r in range(m):
+            if fold:
+                _narrow_axpy(wi, neg * x[r * k + i], dz + r * n, n)
+            else:
+                _narrow_axpy(dw + i * n, x[r * k + i], dz + r * n, n)
         if update and not fold:
             _update_range(opt, jw, w, dw, scale, i * n, (i + 1) * n)
 

@@ -76,6 +76,63 @@ NNF_DOT_AXPY(s, float, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1
              _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_add_ps, nnf_hsum_ps)
 NNF_DOT_AXPY(d, double, __m256d, 4, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd,
              _mm256_fmadd_pd, _mm256_setzero_pd, _mm256_add_pd, nnf_hsum_pd)
+/* Narrow rows (W to 2W lanes: 8-16 floats, 4-8 doubles; a 10-class output layer): two
+ * vectors cover a row, [0, W) and [n-W, n), overlapping when n < 2W. The axpy loads both
+ * before storing either, so overlapping lanes get the same value twice; the dot masks
+ * the overlap out of the upper window. The forward keeps the outputs in registers across
+ * all rows of W, two rows per trip on independent accumulators, and does not skip zero
+ * inputs: on a 64-128-10 net the generic loop spent most of B/1 on the output layer
+ * (store-to-load chains through z, a branch on every ReLU output). */
+static const long long nnf_lane_mask64[8] = {0, 0, 0, 0, -1, -1, -1, -1};
+static const int nnf_lane_mask32[16] = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1};
+#define NNF_NARROW(P, T, V, W, LOAD, STORE, SET1, FMADD, ZERO, ADD, MUL, AND, HSUM, UPPER) \
+static inline int nnf_##P##narrow(long n) { return n >= W && n <= 2 * W; }            \
+static inline T nnf_##P##narrow_dot(const T *a, const T *b, long n) {                 \
+    V lo = MUL(LOAD(a), LOAD(b));                                                     \
+    V hi = AND(UPPER(n), MUL(LOAD(a + n - W), LOAD(b + n - W)));                      \
+    return HSUM(ADD(lo, hi));                                                         \
+}                                                                                     \
+static inline void nnf_##P##narrow_axpy(T *y, T alpha, const T *x, long n) {          \
+    const V va = SET1(alpha);                                                         \
+    V lo = FMADD(va, LOAD(x), LOAD(y));                                               \
+    V hi = FMADD(va, LOAD(x + n - W), LOAD(y + n - W));                               \
+    STORE(y, lo);                                                                     \
+    STORE(y + n - W, hi);                                                             \
+}                                                                                     \
+/* z = x[i0:i1] @ w[i0:i1], one input row x of stride-1 values */                     \
+static inline void nnf_##P##narrow_forward(const T *x, const T *w, long i0, long i1,  \
+                                           long n, T *z) {                            \
+    V lo0 = ZERO(), hi0 = ZERO(), lo1 = ZERO(), hi1 = ZERO();                         \
+    long i = i0;                                                                      \
+    for (; i + 2 <= i1; i += 2) {                                                     \
+        const T *w0 = w + i * n, *w1 = w0 + n;                                        \
+        V x0 = SET1(x[i]), x1 = SET1(x[i + 1]);                                       \
+        lo0 = FMADD(x0, LOAD(w0), lo0);                                               \
+        hi0 = FMADD(x0, LOAD(w0 + n - W), hi0);                                       \
+        lo1 = FMADD(x1, LOAD(w1), lo1);                                               \
+        hi1 = FMADD(x1, LOAD(w1 + n - W), hi1);                                       \
+    }                                                                                 \
+    if (i < i1) {                                                                     \
+        V x0 = SET1(x[i]);                                                            \
+        lo0 = FMADD(x0, LOAD(w + i * n), lo0);                                        \
+        hi0 = FMADD(x0, LOAD(w + i * n + n - W), hi0);                                \
+    }                                                                                 \
+    STORE(z, ADD(lo0, lo1));                                                          \
+    STORE(z + n - W, ADD(hi0, hi1));                                                  \
+}
+static inline __m256 nnf_s_upper(long n) {
+    return _mm256_loadu_ps((const float *)(nnf_lane_mask32 + n - 8));
+}
+static inline __m256d nnf_d_upper(long n) {
+    return _mm256_loadu_pd((const double *)(nnf_lane_mask64 + n - 4));
+}
+NNF_NARROW(s, float, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
+           _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_add_ps, _mm256_mul_ps, _mm256_and_ps,
+           nnf_hsum_ps, nnf_s_upper)
+NNF_NARROW(d, double, __m256d, 4, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd,
+           _mm256_fmadd_pd, _mm256_setzero_pd, _mm256_add_pd, _mm256_mul_pd, _mm256_and_pd,
+           nnf_hsum_pd, nnf_d_upper)
+#define NNF_NARROW_STUBS 0
 #elif defined(__SSE2__)
 #include <emmintrin.h>
 static inline float nnf_hsum_ps(__m128 v) {
@@ -115,6 +172,25 @@ static inline void nnf_daxpy(double *y, double alpha, const double *x, long n) {
     #pragma omp simd
     for (long i = 0; i < n; i++) y[i] += alpha * x[i];
 }
+#endif
+
+#ifndef NNF_NARROW_STUBS
+/* builds without AVX2: no narrow-row kernels; the generic loops take every width */
+#define NNF_NARROW_STUB(P, T)                                                          \
+static inline int nnf_##P##narrow(long n) { (void)n; return 0; }                      \
+static inline T nnf_##P##narrow_dot(const T *a, const T *b, long n) {                 \
+    return nnf_##P##dot(a, b, n);                                                     \
+}                                                                                     \
+static inline void nnf_##P##narrow_axpy(T *y, T alpha, const T *x, long n) {          \
+    nnf_##P##axpy(y, alpha, x, n);                                                    \
+}                                                                                     \
+static inline void nnf_##P##narrow_forward(const T *x, const T *w, long i0, long i1,  \
+                                           long n, T *z) {                            \
+    for (long j = 0; j < n; j++) z[j] = 0;                                            \
+    for (long i = i0; i < i1; i++) nnf_##P##axpy(z, x[i], w + i * n, n);              \
+}
+NNF_NARROW_STUB(s, float)
+NNF_NARROW_STUB(d, double)
 #endif
 
 /* Elementwise epilogues of the piecewise-linear activations, written as selects so they
