@@ -952,7 +952,7 @@ cdef void _small_backward_narrow_rows(const floating* x, const floating* dz, Py_
                                      Py_ssize_t i0, Py_ssize_t i1) noexcept nogil:
     """``_small_backward_rows`` for rows of a narrow W (``_narrow``): two vectors per row
     and no branches (a zero input adds zero). A loop of its own: merged into
-    ``_small_backward_rows`` behind a flag, B/1 ran 0.84-0.94x (in-process pairs)."""
+    ``_small_backward_rows`` behind a flag, B/1 ran 0.84-0.94x (alternating processes)."""
     cdef:
         Py_ssize_t r, i
         floating* wi
