@@ -21,7 +21,7 @@ Conventions
 """
 cimport cython
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport prange, parallel
 from libc.math cimport exp, expf, log, logf, tanh, tanhf, sqrt, sqrtf, log1p, log1pf, fabs, fabsf, isnan, isinf
 from libc.stdlib cimport malloc, calloc, free
 from libc.stdint cimport int64_t
@@ -35,6 +35,18 @@ cdef extern from "_omp_shim.h":
     int nnf_omp_max_threads() noexcept nogil
     int nnf_cpu_has_avx2_fma() noexcept nogil
     const char* nnf_compiled_isa() noexcept nogil
+    int nnf_thread_num() noexcept nogil
+    int nnf_team_size() noexcept nogil
+    void nnf_barrier() noexcept nogil
+
+cdef extern from "_smallgemm.h":
+    enum:
+        NNF_HAVE_SMALL_GEMM
+    void nnf_sgemm_nn(long m, long n, long k, float alpha, const float* a, long rsa, long csa,
+                      const float* b, long ldb, float* c, long ldc, int accumulate) noexcept nogil
+    void nnf_sgemm_nt(long m, long n, long k, float alpha, const float* a, long lda,
+                      const float* b, long ldb, float* c, long ldc, int accumulate,
+                      float* scratch) noexcept nogil
 
 cdef extern from "_simd.h":
     enum:
@@ -55,6 +67,8 @@ cdef extern from "_simd.h":
                              float* z) noexcept nogil
     void nnf_dnarrow_forward(const double* x, const double* w, long i0, long i1, long n,
                              double* z) noexcept nogil
+    float nnf_sexp_sum(const float* x, float shift, float* out, long n) noexcept nogil
+    double nnf_dexp_sum(const double* x, double shift, double* out, long n) noexcept nogil
     void nnf_sbias_add(float* z, const float* b, long n) noexcept nogil
     void nnf_dbias_add(double* z, const double* b, long n) noexcept nogil
     void nnf_sbias_relu(float* z, const float* b, float* a, long n) noexcept nogil
@@ -137,6 +151,15 @@ cdef inline floating _exp(floating x) noexcept nogil:
         return expf(x)
     else:
         return exp(x)
+
+cdef inline floating _exp_sum(const floating* x, floating shift, floating* out,
+                              Py_ssize_t n) noexcept nogil:
+    """out[j] = exp(x[j] - shift); returns the sum (vectorised in the AVX2 build)."""
+    if floating is float:
+        return nnf_sexp_sum(x, shift, out, n)
+    else:
+        return nnf_dexp_sum(x, shift, out, n)
+
 
 cdef inline floating _log(floating x) noexcept nogil:
     if floating is float:
@@ -291,6 +314,37 @@ cdef void _pgemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha
                       beta, c + lo, ldc)
 
 
+cdef inline void _small_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
+                           const floating* a, Py_ssize_t rsa, Py_ssize_t csa,
+                           const floating* b, floating* c, bint accumulate) noexcept nogil:
+    """C[m, n] = alpha * A @ B (+ C when ``accumulate``) for small operands, serially.
+    # IN  a: A[i, p] = a[i * rsa + p * csa], one of rsa, csa being 1 (A or a transpose)
+    # IN  b: B, (k, n) row-major
+    # OUT c: C, (m, n) row-major
+    float32 in the AVX2 build takes the hand kernels of _smallgemm.h (no packing of the
+    operands, which dominates gemm at these sizes); everything else takes gemm."""
+    if floating is float and NNF_HAVE_SMALL_GEMM:
+        nnf_sgemm_nn(m, n, k, alpha, a, rsa, csa, b, n, c, n, accumulate)
+    elif csa == 1 and rsa >= k:  # A as stored (the test keeps gemm's lda >= k when k == 1)
+        _gemm(False, False, <int>m, n, <int>k, alpha, <floating*>a, <int>rsa, <floating*>b, n,
+              <floating>(1 if accumulate else 0), c, n)
+    else:
+        _gemm(True, False, <int>m, n, <int>k, alpha, <floating*>a, <int>csa, <floating*>b, n,
+              <floating>(1 if accumulate else 0), c, n)
+
+
+cdef inline void _small_nt(Py_ssize_t m, int n, int k, const floating* a, const floating* b,
+                           floating* c, floating* scratch) noexcept nogil:
+    """C[m, n] = A @ B^T for small operands, serially.
+    # IN  a: A, (m, k) row-major;  b: B, (n, k) row-major
+    # OUT c: C, (m, n) row-major;  scratch: room for k * n values (B^T when k is short)"""
+    if floating is float and NNF_HAVE_SMALL_GEMM:
+        nnf_sgemm_nt(m, n, k, 1, a, k, b, k, c, n, 0, scratch)
+    else:
+        _gemm(False, True, <int>m, n, k, <floating>1, <floating*>a, k, <floating*>b, k,
+              <floating>0, c, n)
+
+
 # ----------------------------------------------------------------------------------
 # row helpers (serial over a row range; drivers split rows across threads)
 # ----------------------------------------------------------------------------------
@@ -326,12 +380,7 @@ cdef void _bias_activate_rows(floating* z, floating* bias, floating* a, int n, i
             for j in range(1, n):
                 if zr[j] > mx:
                     mx = zr[j]
-            s = 0
-            for j in range(n):
-                v = _exp(zr[j] - mx)
-                ar[j] = v
-                s = s + v
-            s = 1 / s
+            s = 1 / _exp_sum(zr, mx, ar, n)
             for j in range(n):
                 ar[j] = ar[j] * s
         elif act == IDENTITY:
@@ -453,10 +502,7 @@ cdef double _loss_rows(floating* z, floating* a, floating* t, int64_t* labels,
             for j in range(1, n):
                 if zr[j] > mx:
                     mx = zr[j]
-            s = 0
-            for j in range(n):
-                s = s + _exp(zr[j] - mx)
-            lse = mx + _log(s)
+            lse = mx + _log(_exp_sum(zr, mx, dr, n))  # dr: scratch, overwritten below
             if loss == CROSS_ENTROPY:
                 total += lse - zr[labels[r]]
                 for j in range(n):
@@ -491,6 +537,16 @@ cdef double _loss(floating* z, floating* a, floating* t, int64_t* labels, floati
 # ----------------------------------------------------------------------------------
 # Python-visible kernels (one job each). Shapes are re-checked before the GIL goes.
 # ----------------------------------------------------------------------------------
+cdef bint _labels_in_range(const int64_t[::1] v, Py_ssize_t n) noexcept nogil:
+    """Whether every entry of v is in [0, n) (one pass, no branch per entry)."""
+    cdef:
+        Py_ssize_t r
+        bint ok = True
+    for r in range(v.shape[0]):
+        ok &= (v[r] >= 0) & (v[r] < n)
+    return ok
+
+
 cdef inline void _check(bint ok, str what) except *:
     if not ok:
         raise ValueError("nnfast kernel: " + what)
@@ -532,8 +588,7 @@ def loss_gradient(const floating[:, ::1] Z, const floating[:, ::1] A, const floa
            "A/dZ shape must equal Z's")
     if loss == CROSS_ENTROPY:
         _check(labels.shape[0] == m, "labels must have M entries")
-        for r in range(m):
-            _check(0 <= labels[r] < n, "label out of range")
+        _check(_labels_in_range(labels, n), "label out of range")
     else:
         _check(T.shape[0] == m and T.shape[1] == n, "targets shape must equal Z's")
         _check(0 <= loss <= BINARY_CROSS_ENTROPY, "unknown loss code")
@@ -804,11 +859,11 @@ cdef struct Net:
     void** A
     void** G
     void* scratch             # per-thread partial outputs of the small-batch forward
-    int scratch_threads       # threads the scratch (and split_grads) have room for
+    int scratch_threads       # threads the scratch (and split_scratch) have room for
     Py_ssize_t scratch_rows   # batch rows the scratch has room for
     Py_ssize_t n_params
     Py_ssize_t* param_offset  # 2 * n_layers: where W_l, b_l start in a flat gradient
-    void* split_grads         # scratch_threads flat gradients for the row split, or NULL
+    void* split_scratch       # row split: n_params values per thread (B^T), or NULL
     double* split_loss        # per-thread results of the row split
     int64_t* split_correct
 
@@ -1027,6 +1082,41 @@ cdef void _blas_backward(const floating* x, floating* dz, Py_ssize_t m, int k, i
         _update_array(opt, jw + 1, b, db, n, scale)
 
 
+def _small_matmul(str form, const floating[:, ::1] A, const floating[:, ::1] B,
+                  floating[:, ::1] C, double alpha=1.0, bint accumulate=False):
+    """Test hook of the small-product kernels of the row split (``_small_nn``,
+    ``_small_nt``): form "nn" C (+)= alpha A @ B, "tn" C (+)= alpha A^T @ B, "nt"
+    C = A @ B^T (alpha 1, no accumulate)."""
+    cdef:
+        Py_ssize_t m = C.shape[0], n = C.shape[1], k
+        int code = 0 if form == "nn" else 1 if form == "tn" else 2
+        floating[::1] scratch
+    if form == "nn":
+        k = A.shape[1]
+        _check(A.shape[0] == m and B.shape[0] == k and B.shape[1] == n, "nn shapes")
+    elif form == "tn":
+        k = A.shape[0]
+        _check(A.shape[1] == m and B.shape[0] == k and B.shape[1] == n, "tn shapes")
+    elif form == "nt":
+        k = A.shape[1]
+        _check(A.shape[0] == m and B.shape[0] == n and B.shape[1] == k, "nt shapes")
+        _check(alpha == 1.0 and not accumulate, "nt takes alpha 1, no accumulate")
+    else:
+        raise ValueError("form must be nn, tn or nt")
+    _check(m >= 1 and n >= 1 and k >= 1, "empty product")
+    scratch = np.empty(k * n, dtype=np.float64 if floating is double else np.float32)
+    with nogil:
+        if code == 0:
+            _small_nn(m, <int>n, k, <floating>alpha, &A[0, 0], k, 1, &B[0, 0], &C[0, 0],
+                      accumulate)
+        elif code == 1:
+            _small_nn(m, <int>n, k, <floating>alpha, &A[0, 0], 1, m, &B[0, 0], &C[0, 0],
+                      accumulate)
+        else:
+            _small_nt(m, <int>n, <int>k, &A[0, 0], &B[0, 0], &C[0, 0], &scratch[0])
+    return C
+
+
 cdef int64_t _count_correct(const floating* a, const floating* t, const int64_t* labels,
                             Py_ssize_t m, int n, int loss) noexcept nogil:
     """Rows classified right (argmax, first maximum wins) or, for binary cross-entropy,
@@ -1080,91 +1170,116 @@ cdef double _net_forward(Net* net, const floating* x, Py_ssize_t m) noexcept nog
 
 
 cdef inline int _row_split_threads(Net* net, Py_ssize_t m) noexcept nogil:
-    """Threads for a row split of an m-row batch, or 1 for no split."""
+    """Threads for a row split of an m-row batch (1: the split's kernels on this thread),
+    or 0 when the batch does not take the row split."""
     cdef Py_ssize_t t
-    if net.split_grads == NULL or m < SMALL_BATCH:
-        return 1
+    if net.split_scratch == NULL or m < SMALL_BATCH:
+        return 0
     t = min(<Py_ssize_t>min(_num_threads, net.scratch_threads), m // ROW_SPLIT_MIN_ROWS)
     return <int>t if t > 1 else 1
 
 
-cdef double _slice_forward_backward(Net* net, const floating* x, Py_ssize_t r0,
-                                    Py_ssize_t r1, const floating* t, const int64_t* labels,
-                                    int loss, floating* grad, int64_t* correct) noexcept nogil:
-    """Forward, loss and backward of rows r0..r1 of the batch, serially; the gradient of
-    these rows goes to ``grad`` (a flat W0, b0, W1, ... buffer, overwritten), the model's
-    own gradient sums are not touched. Returns the rows' summed loss."""
+cdef void _split_layer_params(Net* net, int l, const floating* x, Py_ssize_t m, int tid,
+                              int team, OptSpec* opt, bint update, bint fold,
+                              double scale) noexcept nogil:
+    """Thread ``tid``'s share of layer l's parameter gradient over all m rows: a block of
+    W's rows (dW[i] = sum over rows of X[r, i] * dZ[r]) and a block of b's columns, each
+    added to the gradient sums and stepped (with ``fold``, plain SGD on one micro-batch,
+    applied to the parameters directly). Every element is summed by one thread in row
+    order, so the result does not depend on the thread count."""
     cdef:
-        int L = net.n_layers, l, k, n, last = net.n_layers - 1, n_out = net.width[L]
-        int rows = <int>(r1 - r0)
-        double total
-        const floating* inp = x
-        floating* db
-    for l in range(L):
-        k = net.width[l]
-        n = net.width[l + 1]
-        _gemm(False, False, rows, n, k, <floating>1, <floating*>inp + r0 * k, k,
-              <floating*>net.W[l], n, <floating>0, <floating*>net.Z[l] + r0 * n, n)
-        _bias_activate_rows(<floating*>net.Z[l], <floating*>net.b[l], <floating*>net.A[l],
-                            n, net.act[l], r0, r1)
-        inp = <floating*>net.A[l]
-    total = _loss_rows(<floating*>net.Z[last], <floating*>net.A[last], <floating*>t,
-                       <int64_t*>labels, <floating*>net.G[last], n_out, loss, net.act[last],
-                       r0, r1)
-    if correct != NULL:
-        correct[0] = _count_correct(<floating*>net.A[last] + r0 * n_out,
-                                    t + r0 * n_out if t != NULL else NULL,
-                                    labels + r0 if labels != NULL else NULL, rows, n_out, loss)
-    if isnan(total) or isinf(total):
-        return total
-    for l in range(last, -1, -1):
-        k = net.width[l]
-        n = net.width[l + 1]
-        inp = x if l == 0 else <floating*>net.A[l - 1]
-        if l > 0:
-            _gemm(False, True, rows, k, n, <floating>1, <floating*>net.G[l] + r0 * n, n,
-                  <floating*>net.W[l], n, <floating>0, <floating*>net.G[l - 1] + r0 * k, k)
-            _scale_by_slope_rows(<floating*>net.G[l - 1], <floating*>net.A[l - 1], k,
-                                 net.act[l - 1], r0, r1)
-        _gemm(True, False, k, n, rows, <floating>1, <floating*>inp + r0 * k, k,
-              <floating*>net.G[l] + r0 * n, n, <floating>0, grad + net.param_offset[2 * l], n)
-        db = grad + net.param_offset[2 * l + 1]
-        memset(db, 0, n * sizeof(floating))
-        _add_column_sums(<floating*>net.G[l] + r0 * n, db, rows, n)
-    return total
-
-
-cdef void _reduce_and_update(Net* net, floating* grads, int nsplit, OptSpec* opt,
-                             bint update, bint fold, double scale, int part,
-                             int nparts) noexcept nogil:
-    """Part ``part`` of ``nparts`` of every parameter array: add the row split's
-    ``nsplit`` gradients into the gradient sums and, when ``update``, take the step on
-    that part; with ``fold`` (plain SGD, one micro-batch) apply them to the parameters
-    directly."""
-    cdef:
-        int j, u, l
-        Py_ssize_t size, chunk, lo, hi, off
-        floating* p
-        floating* g
+        int k = net.width[l], n = net.width[l + 1], j = 2 * l
+        Py_ssize_t chunk, p0, p1, c0, c1, r
+        const floating* inp = x if l == 0 else <floating*>net.A[l - 1]
+        floating* g = <floating*>net.G[l]
+        floating* w = <floating*>net.W[l]
+        floating* dw = <floating*>net.dW[l]
+        floating* bias = <floating*>net.b[l]
+        floating* db = <floating*>net.db[l]
         floating neg = <floating>(-opt.lr * scale)
-    for j in range(2 * net.n_layers):
-        l = j // 2
-        size = <Py_ssize_t>net.width[l] * net.width[l + 1] if j % 2 == 0 else net.width[l + 1]
-        chunk = (size + nparts - 1) // nparts
-        lo = part * chunk
-        hi = min(size, lo + chunk)
-        if hi <= lo:
-            continue
-        p = <floating*>(net.W[l] if j % 2 == 0 else net.b[l])
-        g = <floating*>(net.dW[l] if j % 2 == 0 else net.db[l])
-        off = net.param_offset[j]
-        for u in range(nsplit):
-            if fold:
-                _axpy(p + lo, neg, grads + u * net.n_params + off + lo, hi - lo)
-            else:
-                _axpy(g + lo, <floating>1, grads + u * net.n_params + off + lo, hi - lo)
+    chunk = (k + team - 1) // team
+    p0 = min(<Py_ssize_t>k, tid * chunk)
+    p1 = min(<Py_ssize_t>k, p0 + chunk)
+    if p1 > p0:
+        if fold:
+            _small_nn(p1 - p0, n, m, neg, inp + p0, 1, k, g, w + p0 * n, True)
+        else:
+            _small_nn(p1 - p0, n, m, <floating>1, inp + p0, 1, k, g, dw + p0 * n, True)
+            if update:
+                _update_range(opt, j, w, dw, scale, p0 * n, p1 * n)
+    chunk = (n + team - 1) // team
+    c0 = min(<Py_ssize_t>n, tid * chunk)
+    c1 = min(<Py_ssize_t>n, c0 + chunk)
+    if c1 > c0:
+        for r in range(m):
+            _axpy(bias + c0 if fold else db + c0, neg if fold else <floating>1,
+                  g + r * n + c0, c1 - c0)
         if update and not fold:
-            _update_range(opt, j, p, g, scale, lo, hi)
+            _update_range(opt, j + 1, bias, db, scale, c0, c1)
+
+
+cdef void _split_back_rows(Net* net, int l, Py_ssize_t r0, Py_ssize_t r1,
+                           floating* scratch) noexcept nogil:
+    """Rows r0..r1 of the gradient below layer l: G[l-1] = (G[l] @ W[l]^T) * act'."""
+    cdef int k = net.width[l], n = net.width[l + 1]
+    if r1 <= r0:
+        return
+    _small_nt(r1 - r0, k, n, <floating*>net.G[l] + r0 * n, <floating*>net.W[l],
+              <floating*>net.G[l - 1] + r0 * k, scratch)
+    _scale_by_slope_rows(<floating*>net.G[l - 1], <floating*>net.A[l - 1], k,
+                         net.act[l - 1], r0, r1)
+
+
+cdef void _split_worker(Net* net, const floating* x, Py_ssize_t m, const floating* t,
+                        const int64_t* labels, int loss, OptSpec* opt, bint update,
+                        bint fold, double scale, bint count) noexcept nogil:
+    """One thread's part of ``_net_iteration_split`` (run by every thread of the team).
+
+    Rows are split for what is row by row (forward, loss, the gradients w.r.t. the
+    layer outputs); parameters are split for what sums over rows (dW, db, the step).
+    Barriers order the two: after the forward and the last layer's backward rows (all
+    losses known, G[last] and G[last-1] complete), and after each lower layer's backward
+    rows (so no thread still reads W[l] when its rows are stepped)."""
+    cdef:
+        int tid = nnf_thread_num(), team = nnf_team_size(), i
+        int L = net.n_layers, last = net.n_layers - 1, l, k, n, n_out = net.width[L]
+        Py_ssize_t chunk = (m + team - 1) // team
+        Py_ssize_t r0 = min(m, tid * chunk), r1 = min(m, tid * chunk + chunk)
+        double total = 0
+        const floating* inp = x
+        floating* scratch = <floating*>net.split_scratch + tid * net.n_params
+    net.split_loss[tid] = 0
+    net.split_correct[tid] = 0
+    if r1 > r0:
+        for l in range(L):
+            k = net.width[l]
+            n = net.width[l + 1]
+            _small_nn(r1 - r0, n, k, <floating>1, inp + r0 * k, k, 1, <floating*>net.W[l],
+                      <floating*>net.Z[l] + r0 * n, False)
+            _bias_activate_rows(<floating*>net.Z[l], <floating*>net.b[l],
+                                <floating*>net.A[l], n, net.act[l], r0, r1)
+            inp = <floating*>net.A[l]
+        net.split_loss[tid] = _loss_rows(<floating*>net.Z[last], <floating*>net.A[last],
+                                         <floating*>t, <int64_t*>labels,
+                                         <floating*>net.G[last], n_out, loss,
+                                         net.act[last], r0, r1)
+        if count:
+            net.split_correct[tid] = _count_correct(
+                <floating*>net.A[last] + r0 * n_out,
+                t + r0 * n_out if t != NULL else NULL,
+                labels + r0 if labels != NULL else NULL, r1 - r0, n_out, loss)
+        if last > 0:
+            _split_back_rows(net, last, r0, r1, scratch)
+    nnf_barrier()
+    for i in range(team):
+        total += net.split_loss[i]
+    if isnan(total) or isinf(total):
+        return  # every thread sees the same total: all leave, no barrier is skipped
+    for l in range(last, -1, -1):
+        _split_layer_params(net, l, x, m, tid, team, opt, update, fold, scale)
+        if l >= 2:
+            _split_back_rows(net, l - 1, r0, r1, scratch)
+            nnf_barrier()
 
 
 cdef double _net_iteration_split(Net* net, const floating* x, Py_ssize_t m,
@@ -1172,33 +1287,34 @@ cdef double _net_iteration_split(Net* net, const floating* x, Py_ssize_t m,
                                  OptSpec* opt, bint update, bint fold, double scale,
                                  int64_t* correct, int nsplit) noexcept nogil:
     """``_net_iteration`` for small networks: every product of such a network is too
-    small to split across threads, so each of ``nsplit`` threads takes a block of the
-    batch's rows through forward, loss and backward into its own gradient buffer; a
-    second parallel pass adds the buffers (in thread order, so results depend only on
-    the thread count) and steps, each thread a slice of every parameter array."""
+    small for gemm's packing to pay or to split across threads, so one parallel region
+    runs the whole iteration (``_split_worker``): each thread takes a block of the batch's
+    rows through forward, loss and backward, and a block of every parameter array
+    through its gradient sum and step; the products are the small kernels. With
+    ``nsplit`` 1 the worker runs on this thread, without a region."""
     cdef:
         int i
-        Py_ssize_t chunk = (m + nsplit - 1) // nsplit, lo, hi
+        long step0 = opt.step
         double total = 0
         int64_t right = 0
-        floating* grads = <floating*>net.split_grads
-    for i in prange(nsplit, num_threads=nsplit, schedule='static'):
-        lo = i * chunk
-        hi = min(m, lo + chunk)
-        net.split_loss[i] = _slice_forward_backward(
-            net, x, lo, hi, t, labels, loss, grads + i * net.n_params,
-            &net.split_correct[i] if correct != NULL else NULL)
+    for i in range(nsplit):  # a team smaller than asked leaves the last entries alone
+        net.split_loss[i] = 0
+        net.split_correct[i] = 0
+    if update:
+        _begin_step(opt)  # undone below when the loss is not finite
+    if nsplit == 1:
+        _split_worker(net, x, m, t, labels, loss, opt, update, fold, scale, correct != NULL)
+    else:
+        with parallel(num_threads=nsplit):
+            _split_worker(net, x, m, t, labels, loss, opt, update, fold, scale,
+                          correct != NULL)
     for i in range(nsplit):
         total += net.split_loss[i]
         right += net.split_correct[i]
     if correct != NULL:
         correct[0] = right
     if isnan(total) or isinf(total):
-        return total
-    if update:
-        _begin_step(opt)
-    for i in prange(nsplit, num_threads=nsplit, schedule='static'):
-        _reduce_and_update(net, grads, nsplit, opt, update, fold, scale, i, nsplit)
+        opt.step = step0
     return total
 
 
@@ -1215,7 +1331,7 @@ cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floa
         floating* dx
         floating* a_prev
         int nsplit = _row_split_threads(net, m)
-    if nsplit > 1:
+    if nsplit > 0:
         return _net_iteration_split(net, x, m, t, labels, loss, opt, update, fold, scale,
                                     correct, nsplit)
     _net_forward(net, x, m)
@@ -1375,11 +1491,11 @@ cdef class NetworkPlan:
             self.net.n_params += Ws[l].shape[0] * Ws[l].shape[1]
             self.net.param_offset[2 * l + 1] = self.net.n_params
             self.net.n_params += Ws[l].shape[1]
-        self.net.split_grads = NULL
-        if self.net.scratch_threads > 1 and self.net.n_params <= ROW_SPLIT_MAX_PARAMS:
-            self.net.split_grads = calloc(self.net.scratch_threads * self.net.n_params,
+        self.net.split_scratch = NULL
+        if self.net.n_params <= ROW_SPLIT_MAX_PARAMS:
+            self.net.split_scratch = calloc(self.net.scratch_threads * self.net.n_params,
                                           8 if self.is64 else 4)
-            if self.net.split_grads == NULL:
+            if self.net.split_scratch == NULL:
                 raise MemoryError()
         self.net.width[0] = Ws[0].shape[0]
         for l in range(L):
@@ -1396,7 +1512,7 @@ cdef class NetworkPlan:
     def __dealloc__(self):
         free(self.net.scratch)
         free(self.net.param_offset)
-        free(self.net.split_grads)
+        free(self.net.split_scratch)
         free(self.net.split_loss)
         free(self.net.split_correct)
         free(self.net.width)
@@ -1453,8 +1569,7 @@ def _plan_iteration(NetworkPlan plan, const floating[:, ::1] X, const floating[:
     _check_batch(plan, m, X.shape[1], T.shape[0], T.shape[1], labels.shape[0], loss,
                  sizeof(floating) == 8)
     if loss == CROSS_ENTROPY:
-        for r in range(m):
-            _check(0 <= labels[r] < n_out, "label out of range")
+        _check(_labels_in_range(labels, n_out), "label out of range")
     memset(&opt, 0, sizeof(OptSpec))
     with nogil:
         total = _net_iteration(&plan.net, &X[0, 0], m,
@@ -1492,14 +1607,12 @@ def _plan_run(NetworkPlan plan, const floating[:, ::1] X, const floating[:, ::1]
     _check(group.shape[0] == 2 and 0 <= group[0] < accumulate, "group state")
     if loss == CROSS_ENTROPY:
         _check(labels.shape[0] == n, "labels must have one entry per row of X")
-        for r in range(n):
-            _check(0 <= labels[r] < n_out, "label out of range")
+        _check(_labels_in_range(labels, n_out), "label out of range")
     else:
         _check(T.shape[0] == n and kt == n_out, "targets must be (rows of X, outputs)")
     if shuffled:
         _check(order.shape[0] == n, "order must be a permutation of the rows")
-        for r in range(n):
-            _check(0 <= order[r] < n, "order entry out of range")
+        _check(_labels_in_range(order, n), "order entry out of range")
         _check(xbuf.shape[0] >= min(bs, n) and xbuf.shape[1] == d, "xbuf shape")
         if loss == CROSS_ENTROPY:
             _check(lbuf.shape[0] >= min(bs, n), "lbuf shape")

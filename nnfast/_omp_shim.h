@@ -6,9 +6,20 @@
 #include <omp.h>
 static int nnf_openmp_enabled(void) { return 1; }
 static int nnf_omp_max_threads(void) { return omp_get_max_threads(); }
+/* for code that runs in every thread of a team (Cython's `parallel()` block): its
+ * thread number, the team's size, and a barrier that binds to the enclosing team.
+ * Outside a parallel region they answer 0, 1 and do nothing. */
+static int nnf_thread_num(void) { return omp_get_thread_num(); }
+static int nnf_team_size(void) { return omp_get_num_threads(); }
+static void nnf_barrier(void) {
+    #pragma omp barrier
+}
 #else
 static int nnf_openmp_enabled(void) { return 0; }
 static int nnf_omp_max_threads(void) { return 1; }
+static int nnf_thread_num(void) { return 0; }
+static int nnf_team_size(void) { return 1; }
+static void nnf_barrier(void) {}
 #endif
 
 /* 1 when this CPU (and the OS, which must save the YMM registers) runs AVX2 and FMA

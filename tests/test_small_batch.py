@@ -131,3 +131,48 @@ def test_hand_loops_at_every_vector_tail(width, dtype):
     np.testing.assert_allclose(loss, ref_loss, **tol)
     for a, b in zip(w, ref_w):
         np.testing.assert_allclose(a, b, **tol)
+
+
+# The small products of the row split (hand kernels for float32 in the AVX2 build, gemm
+# otherwise): every row count of a tile (1-6 and beyond), every column tail (full 16-wide
+# tiles, a masked second vector, a masked single vector), short and long inner
+# dimensions (the nt form transposes B below 16), accumulate and alpha.
+SMALL_M = [1, 2, 3, 4, 5, 6, 7, 11, 13]
+SMALL_N = [1, 3, 7, 8, 9, 10, 15, 16, 17, 23, 24, 25, 31, 32, 33, 40]
+SMALL_K = [1, 2, 7, 8, 9, 15, 16, 17, 18, 23, 24, 31, 40]
+
+
+def _small_ref(form, A, B, C0, alpha, accumulate):
+    A64, B64 = A.astype(np.float64), B.astype(np.float64)
+    prod = {"nn": lambda: A64 @ B64, "tn": lambda: A64.T @ B64, "nt": lambda: A64 @ B64.T}[form]()
+    return alpha * prod + (C0.astype(np.float64) if accumulate else 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("form", ["nn", "tn", "nt"])
+def test_small_products_at_every_tile_edge(form, dtype):
+    rng = np.random.default_rng(7)
+    tol = 2e-6 if dtype == np.float32 else 1e-13
+    for m in SMALL_M:
+        for n in SMALL_N:
+            for k in SMALL_K:
+                A = rng.standard_normal((k, m) if form == "tn" else (m, k)).astype(dtype)
+                B = rng.standard_normal((n, k) if form == "nt" else (k, n)).astype(dtype)
+                cases = [(1.0, False)] if form == "nt" else [(1.0, False), (-0.25, True)]
+                for alpha, accumulate in cases:
+                    C0 = rng.standard_normal((m, n)).astype(dtype)
+                    C = C0.copy() if accumulate else np.full((m, n), np.nan, dtype=dtype)
+                    _kernels._small_matmul(form, A, B, C, alpha, accumulate)
+                    ref = _small_ref(form, A, B, C0, alpha, accumulate)
+                    scale = np.abs(A).max() * np.abs(B).max() * k + np.abs(C0).max()
+                    np.testing.assert_allclose(
+                        C, ref, rtol=tol, atol=tol * scale,
+                        err_msg=f"{form} m={m} n={n} k={k} alpha={alpha} acc={accumulate}")
+
+
+def test_small_products_reject_bad_shapes():
+    a = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="nn shapes"):
+        _kernels._small_matmul("nn", a, np.ones((5, 2), np.float32), np.ones((3, 2), np.float32))
+    with pytest.raises(ValueError, match="form"):
+        _kernels._small_matmul("tt", a, a, a)
