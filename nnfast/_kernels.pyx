@@ -314,6 +314,13 @@ cdef void _pgemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha
                       beta, c + lo, ldc)
 
 
+# Most rows of C for which the hand products beat gemm whatever the inner dimension
+# (gemm's packing pays from there on unless the inner dimension is short). Single thread,
+# best of 5, (rows x inner) -> hand / gemm time: 16x784 0.55, 32x784 0.94-1.08,
+# 64x784 1.5-1.6, 48x64 0.62, 64x64 1.0, 128x64 0.86-1.1, 256x64 (A^T) 1.8, 392x32 (A^T) 0.82.
+cdef Py_ssize_t SMALL_GEMM_ROWS = 48
+
+
 cdef inline void _small_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
                            const floating* a, Py_ssize_t rsa, Py_ssize_t csa,
                            const floating* b, floating* c, bint accumulate) noexcept nogil:
@@ -323,7 +330,7 @@ cdef inline void _small_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
     # OUT c: C, (m, n) row-major
     float32 in the AVX2 build takes the hand kernels of _smallgemm.h (no packing of the
     operands, which dominates gemm at these sizes); everything else takes gemm."""
-    if floating is float and NNF_HAVE_SMALL_GEMM:
+    if floating is float and NNF_HAVE_SMALL_GEMM and (m <= SMALL_GEMM_ROWS or k <= 32):
         nnf_sgemm_nn(m, n, k, alpha, a, rsa, csa, b, n, c, n, accumulate)
     elif csa == 1 and rsa >= k:  # A as stored (the test keeps gemm's lda >= k when k == 1)
         _gemm(False, False, <int>m, n, <int>k, alpha, <floating*>a, <int>rsa, <floating*>b, n,
@@ -338,7 +345,7 @@ cdef inline void _small_nt(Py_ssize_t m, int n, int k, const floating* a, const 
     """C[m, n] = A @ B^T for small operands, serially.
     # IN  a: A, (m, k) row-major;  b: B, (n, k) row-major
     # OUT c: C, (m, n) row-major;  scratch: room for k * n values (B^T when k is short)"""
-    if floating is float and NNF_HAVE_SMALL_GEMM:
+    if floating is float and NNF_HAVE_SMALL_GEMM and (m <= SMALL_GEMM_ROWS or k < 16):
         nnf_sgemm_nt(m, n, k, 1, a, k, b, k, c, n, 0, scratch)
     else:
         _gemm(False, True, <int>m, n, k, <floating>1, <floating*>a, k, <floating*>b, k,
@@ -797,8 +804,14 @@ cdef Py_ssize_t SMALL_BATCH_SPLIT = NNF_SMALL_BATCH_SPLIT
 # batch's rows across threads (see ``_net_iteration_split``); each thread needs its own
 # gradient buffer, so larger networks split every product instead.
 cdef Py_ssize_t ROW_SPLIT_MAX_PARAMS = 65536
-# fewest rows a thread gets in a row split (below it the fork/join costs more than it saves)
+# fewest rows a thread gets in a row split (below it the fork/join costs more than it
+# saves; B/8 on 2 threads: 4 rows per thread 0.96x of one thread, B/6 at 3 rows 0.64x)
 cdef Py_ssize_t ROW_SPLIT_MIN_ROWS = 8
+# smallest batch that takes the row split's kernels (on one thread below 2 *
+# ROW_SPLIT_MIN_ROWS); a single row is left to the hand loops, which split W's rows
+# across threads. B on 1 thread, split kernels / hand loops: 1.41 at 2 rows, 1.87 at 3,
+# 2.26 at 4; 0.99 at 1 row (0.82 on 2 threads). In-process A/B, median of 7 pairs.
+cdef Py_ssize_t ROW_SPLIT_MIN_BATCH = 2
 
 
 def _set_row_split_max_params(Py_ssize_t n):
@@ -809,6 +822,17 @@ def _set_row_split_max_params(Py_ssize_t n):
         raise ValueError("limit must be >= 0")
     old = ROW_SPLIT_MAX_PARAMS
     ROW_SPLIT_MAX_PARAMS = n
+    return old
+
+
+def _set_row_split_rows(Py_ssize_t min_rows_per_thread, Py_ssize_t min_batch):
+    """ROW_SPLIT_MIN_ROWS and ROW_SPLIT_MIN_BATCH (for measuring them); returns the old
+    pair."""
+    global ROW_SPLIT_MIN_ROWS, ROW_SPLIT_MIN_BATCH
+    if min_rows_per_thread < 1 or min_batch < 1:
+        raise ValueError("row split limits must be >= 1")
+    old = (ROW_SPLIT_MIN_ROWS, ROW_SPLIT_MIN_BATCH)
+    ROW_SPLIT_MIN_ROWS, ROW_SPLIT_MIN_BATCH = min_rows_per_thread, min_batch
     return old
 
 
@@ -1173,7 +1197,7 @@ cdef inline int _row_split_threads(Net* net, Py_ssize_t m) noexcept nogil:
     """Threads for a row split of an m-row batch (1: the split's kernels on this thread),
     or 0 when the batch does not take the row split."""
     cdef Py_ssize_t t
-    if net.split_scratch == NULL or m < SMALL_BATCH:
+    if net.split_scratch == NULL or m < ROW_SPLIT_MIN_BATCH:
         return 0
     t = min(<Py_ssize_t>min(_num_threads, net.scratch_threads), m // ROW_SPLIT_MIN_ROWS)
     return <int>t if t > 1 else 1

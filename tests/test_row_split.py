@@ -1,12 +1,15 @@
 """The row split of small networks (issue 4 fast paths).
 
 Networks of at most ``ROW_SPLIT_MAX_PARAMS`` parameters train batches of at least
-``2 * ROW_SPLIT_MIN_ROWS`` rows by giving each thread a block of the batch's rows
-(forward, loss and backward into a per-thread gradient), then adding the per-thread
-gradients and stepping. These tests pin it to the unsplit compiled path and to the NumPy
-backend: gradients, losses, accuracy counts and trained weights, for every loss and
-optimizer kind, with uneven splits; determinism for a fixed thread count; and that a
-non-finite loss leaves the gradient sums and weights untouched.
+``ROW_SPLIT_MIN_BATCH`` rows in one parallel region per iteration: each thread takes a
+block of the batch's rows through forward, loss and the backward rows, then (after a
+barrier) a block of every parameter array through its gradient sum and step; the
+products are small hand kernels (float32, AVX2 build) or gemm. Batches under
+``2 * ROW_SPLIT_MIN_ROWS`` rows run the same code on one thread. These tests pin it to the
+unsplit compiled path and to the NumPy backend: gradients, losses, accuracy counts and
+trained weights, for every loss and optimizer kind, with uneven splits; determinism for a
+fixed thread count; and that a non-finite loss leaves the gradient sums and weights
+untouched.
 """
 import numpy as np
 import pytest
@@ -67,7 +70,7 @@ def test_small_networks_get_split_buffers():
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
-@pytest.mark.parametrize("m", [16, 24, 41, 100])  # 2 or 3 blocks, uneven last block
+@pytest.mark.parametrize("m", [2, 5, 16, 24, 41, 100])  # 1 to 3 blocks, uneven last block
 def test_gradients_equal_unsplit_and_numpy(loss, m, threads3, no_split):
     X, y = data(loss, m)
     split = make_model(loss, np.float64)
