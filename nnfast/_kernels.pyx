@@ -63,6 +63,10 @@ cdef extern from "_simd.h":
     double nnf_dnarrow_dot(const double* a, const double* b, long n) noexcept nogil
     void nnf_snarrow_axpy(float* y, float alpha, const float* x, long n) noexcept nogil
     void nnf_dnarrow_axpy(double* y, double alpha, const double* x, long n) noexcept nogil
+    void nnf_snarrow_dots(const float* w, long n, long rows, const float* v,
+                          float* out) noexcept nogil
+    void nnf_dnarrow_dots(const double* w, long n, long rows, const double* v,
+                          double* out) noexcept nogil
     void nnf_snarrow_forward(const float* x, const float* w, long i0, long i1, long n,
                              float* z) noexcept nogil
     void nnf_dnarrow_forward(const double* x, const double* w, long i0, long i1, long n,
@@ -1036,12 +1040,16 @@ cdef void _small_backward_narrow_rows(const floating* x, const floating* dz, Py_
         Py_ssize_t r, i
         floating* wi
         floating neg = <floating>(-opt.lr * scale) if fold else 0
+    if dx != NULL:  # all of dX first: it reads these rows of W before their update
+        for r in range(m):
+            if floating is float:
+                nnf_snarrow_dots(w + i0 * n, n, i1 - i0, dz + r * n, dx + r * k + i0)
+            else:
+                nnf_dnarrow_dots(w + i0 * n, n, i1 - i0, dz + r * n, dx + r * k + i0)
+            for i in range(i0, i1):
+                dx[r * k + i] = dx[r * k + i] * _activation_slope(a_prev[r * k + i], act_prev)
     for i in range(i0, i1):
         wi = w + i * n
-        if dx != NULL:
-            for r in range(m):
-                dx[r * k + i] = (_narrow_dot(dz + r * n, wi, n)
-                                 * _activation_slope(a_prev[r * k + i], act_prev))
         for r in range(m):
             if fold:
                 _narrow_axpy(wi, neg * x[r * k + i], dz + r * n, n)

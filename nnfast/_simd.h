@@ -132,6 +132,33 @@ NNF_NARROW(s, float, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_p
 NNF_NARROW(d, double, __m256d, 4, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd,
            _mm256_fmadd_pd, _mm256_setzero_pd, _mm256_add_pd, _mm256_mul_pd, _mm256_and_pd,
            nnf_hsum_pd, nnf_d_upper)
+/* out[i] = w[i] . v for rows i < rows of a narrow W (8-16 floats): eight rows per trip,
+ * their eight sums reduced together by a tree of horizontal adds rather than one
+ * horizontal sum per row (in B/1 the per-row sums were the larger part of the output
+ * layer's backward). */
+static inline void nnf_snarrow_dots(const float *w, long n, long rows, const float *v,
+                                    float *out) {
+    const __m256 vlo = _mm256_loadu_ps(v), vhi = _mm256_loadu_ps(v + n - 8);
+    const __m256 upper = nnf_s_upper(n);
+    long i = 0;
+    for (; i + 8 <= rows; i += 8) {
+        __m256 s[8];
+        for (int q = 0; q < 8; q++) {
+            const float *wq = w + (i + q) * n;
+            s[q] = _mm256_fmadd_ps(_mm256_loadu_ps(wq), vlo,
+                                   _mm256_and_ps(upper, _mm256_mul_ps(_mm256_loadu_ps(wq + n - 8), vhi)));
+        }
+        __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+        __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+        _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                                _mm256_permute2f128_ps(u0, u1, 0x31)));
+    }
+    for (; i < rows; i++) out[i] = nnf_snarrow_dot(w + i * n, v, n);
+}
+static inline void nnf_dnarrow_dots(const double *w, long n, long rows, const double *v,
+                                    double *out) {
+    for (long i = 0; i < rows; i++) out[i] = nnf_dnarrow_dot(w + i * n, v, n);
+}
 #define NNF_NARROW_STUBS 0
 #elif defined(__SSE2__)
 #include <emmintrin.h>
@@ -188,6 +215,10 @@ static inline void nnf_##P##narrow_forward(const T *x, const T *w, long i0, long
                                            long n, T *z) {                            \
     for (long j = 0; j < n; j++) z[j] = 0;                                            \
     for (long i = i0; i < i1; i++) nnf_##P##axpy(z, x[i], w + i * n, n);              \
+}                                                                                     \
+static inline void nnf_##P##narrow_dots(const T *w, long n, long rows, const T *v,    \
+                                        T *out) {                                     \
+    for (long i = 0; i < rows; i++) out[i] = nnf_##P##dot(w + i * n, v, n);           \
 }
 NNF_NARROW_STUB(s, float)
 NNF_NARROW_STUB(d, double)
