@@ -17,18 +17,26 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #define NNF_HAVE_SMALL_GEMM 1
 
-/* An MR x 16 tile of C, two full vectors per row: MR * 2 accumulators live across k. */
-#define NNF_NN_TILE16(MR)                                                              \
-static inline void nnf_snn_tile16_##MR(long k, float alpha, const float *a, long rsa,  \
-                                        long csa, const float *b, long ldb, float *c,  \
-                                        long ldc, int accumulate) {                    \
+/* An MR x 16 tile of C, two vectors per row: MR * 2 accumulators live across k. The
+ * second vector's loads and stores are a parameter: plain (tile16) or masked to the last
+ * 9-15 columns of a C, such as a 10-class output layer (tile16m; the mask is unused in
+ * tile16, so its inner loop has no masked load). */
+#define NNF_LOAD_FULL(p, mask) _mm256_loadu_ps(p)
+#define NNF_STORE_FULL(p, mask, v) _mm256_storeu_ps(p, v)
+#define NNF_LOAD_MASKED(p, mask) _mm256_maskload_ps(p, mask)
+#define NNF_STORE_MASKED(p, mask, v) _mm256_maskstore_ps(p, mask, v)
+#define NNF_NN_TILE16(NAME, MR, LOAD_HI, STORE_HI)                                     \
+static inline void NAME##_##MR(long k, float alpha, const float *a, long rsa,          \
+                               long csa, const float *b, long ldb, float *c,           \
+                               long ldc, int accumulate, __m256i mask) {               \
+    (void)mask;                                                                        \
     __m256 acc[MR][2];                                                                 \
     _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                             \
         acc[i][0] = _mm256_setzero_ps(); acc[i][1] = _mm256_setzero_ps();              \
     }                                                                                  \
     for (long p = 0; p < k; p++) {                                                     \
         const float *bp = b + p * ldb;                                                 \
-        __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);                 \
+        __m256 b0 = _mm256_loadu_ps(bp), b1 = LOAD_HI(bp + 8, mask);                   \
         const float *ap = a + p * csa;                                                 \
         _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                         \
             __m256 ai = _mm256_broadcast_ss(ap + i * rsa);                             \
@@ -42,42 +50,14 @@ static inline void nnf_snn_tile16_##MR(long k, float alpha, const float *a, long
         __m256 v0 = _mm256_mul_ps(va, acc[i][0]), v1 = _mm256_mul_ps(va, acc[i][1]);   \
         if (accumulate) {                                                              \
             v0 = _mm256_add_ps(v0, _mm256_loadu_ps(ci));                               \
-            v1 = _mm256_add_ps(v1, _mm256_loadu_ps(ci + 8));                           \
+            v1 = _mm256_add_ps(v1, LOAD_HI(ci + 8, mask));                             \
         }                                                                              \
-        _mm256_storeu_ps(ci, v0); _mm256_storeu_ps(ci + 8, v1);                        \
+        _mm256_storeu_ps(ci, v0); STORE_HI(ci + 8, mask, v1);                          \
     }                                                                                  \
 }
-/* An MR x (8 + r) tile, r <= 8: the second vector of each row through masked loads and
- * stores (the last columns of a 9-16 wide C, such as a 10-class output layer). */
-#define NNF_NN_TILE16M(MR)                                                             \
-static inline void nnf_snn_tile16m_##MR(long k, float alpha, const float *a, long rsa, \
-                                         long csa, const float *b, long ldb, float *c, \
-                                         long ldc, int accumulate, __m256i mask) {     \
-    __m256 acc[MR][2];                                                                 \
-    _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                             \
-        acc[i][0] = _mm256_setzero_ps(); acc[i][1] = _mm256_setzero_ps();              \
-    }                                                                                  \
-    for (long p = 0; p < k; p++) {                                                     \
-        const float *bp = b + p * ldb;                                                 \
-        __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_maskload_ps(bp + 8, mask);        \
-        const float *ap = a + p * csa;                                                 \
-        _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                         \
-            __m256 ai = _mm256_broadcast_ss(ap + i * rsa);                             \
-            acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);                            \
-            acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);                            \
-        }                                                                              \
-    }                                                                                  \
-    const __m256 va = _mm256_set1_ps(alpha);                                           \
-    _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                             \
-        float *ci = c + i * ldc;                                                       \
-        __m256 v0 = _mm256_mul_ps(va, acc[i][0]), v1 = _mm256_mul_ps(va, acc[i][1]);   \
-        if (accumulate) {                                                              \
-            v0 = _mm256_add_ps(v0, _mm256_loadu_ps(ci));                               \
-            v1 = _mm256_add_ps(v1, _mm256_maskload_ps(ci + 8, mask));                  \
-        }                                                                              \
-        _mm256_storeu_ps(ci, v0); _mm256_maskstore_ps(ci + 8, mask, v1);               \
-    }                                                                                  \
-}
+#define NNF_NN_TILE16_BOTH(MR)                                                         \
+    NNF_NN_TILE16(nnf_snn_tile16, MR, NNF_LOAD_FULL, NNF_STORE_FULL)                   \
+    NNF_NN_TILE16(nnf_snn_tile16m, MR, NNF_LOAD_MASKED, NNF_STORE_MASKED)
 /* An MR x r tile, r <= 8 columns, through masked loads and stores (the last columns). */
 #define NNF_NN_TILE8(MR)                                                               \
 static inline void nnf_snn_tile8_##MR(long k, float alpha, const float *a, long rsa,   \
@@ -99,10 +79,8 @@ static inline void nnf_snn_tile8_##MR(long k, float alpha, const float *a, long 
         _mm256_maskstore_ps(ci, mask, v);                                              \
     }                                                                                  \
 }
-NNF_NN_TILE16(1) NNF_NN_TILE16(2) NNF_NN_TILE16(3) NNF_NN_TILE16(4)
-NNF_NN_TILE16(5) NNF_NN_TILE16(6)
-NNF_NN_TILE16M(1) NNF_NN_TILE16M(2) NNF_NN_TILE16M(3) NNF_NN_TILE16M(4)
-NNF_NN_TILE16M(5) NNF_NN_TILE16M(6)
+NNF_NN_TILE16_BOTH(1) NNF_NN_TILE16_BOTH(2) NNF_NN_TILE16_BOTH(3)
+NNF_NN_TILE16_BOTH(4) NNF_NN_TILE16_BOTH(5) NNF_NN_TILE16_BOTH(6)
 NNF_NN_TILE8(1) NNF_NN_TILE8(2) NNF_NN_TILE8(3) NNF_NN_TILE8(4)
 NNF_NN_TILE8(5) NNF_NN_TILE8(6)
 
@@ -112,7 +90,8 @@ static void nnf_snn_rows_##MR(long n, long k, float alpha, const float *a, long 
                               int accumulate) {                                        \
     long j = 0;                                                                        \
     for (; j + 16 <= n; j += 16)                                                       \
-        nnf_snn_tile16_##MR(k, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate); \
+        nnf_snn_tile16_##MR(k, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate,  \
+                            _mm256_setzero_si256());                                   \
     if (n - j > 8)                                                                     \
         nnf_snn_tile16m_##MR(k, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate, \
                              nnf_first_lanes(n - j - 8));                              \
