@@ -309,23 +309,39 @@ cdef void _pgemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha
                       beta, c + lo, ldc)
 
 
-# Most rows of C for which the hand products beat gemm whatever the inner dimension
-# (gemm's packing pays from there on unless the inner dimension is short). Single thread,
-# best of 5, (rows x inner) -> hand / gemm time: 16x784 0.55, 32x784 0.94-1.08,
-# 64x784 1.5-1.6, 48x64 0.62, 64x64 1.0, 128x64 0.86-1.1, 256x64 (A^T) 1.8, 392x32 (A^T) 0.82.
-cdef Py_ssize_t SMALL_GEMM_ROWS = 48
+# Where the hand products (float32, AVX2 build) beat gemm. Both read the operands where
+# they lie; gemm first copies them into panels, which at these sizes costs more than it
+# saves. One thread, best of 25 interleaved rounds, hand / gemm time (rows x cols x inner):
+#   A @ B:   32x256x784 0.61, 96x256x784 0.79, 192x256x784 0.89, 256x256x784 1.13,
+#            128x128x256 0.80, 256x128x256 0.93;
+#   A^T @ B: 784x256x32 0.90, 784x256x64 1.14, 784x256x256 1.40, 256x128x64 0.92,
+#            128x10x256 0.53, 64x128x256 0.71.
+cdef Py_ssize_t HAND_NN_ROWS = 192
+cdef Py_ssize_t HAND_TN_ROWS = 128
+cdef Py_ssize_t HAND_TN_INNER = 32
+# A @ B^T: the 2x4 tiles end in horizontal sums; gemm wins from about 48 rows.
+cdef Py_ssize_t HAND_NT_ROWS = 48
+
+
+cdef inline bint _hand_product(Py_ssize_t m, Py_ssize_t k, bint a_transposed) noexcept nogil:
+    """Whether C[m, n] = op(A)[m, k] @ B takes the hand kernels (float32 callers only)."""
+    if not NNF_HAVE_SMALL_GEMM:
+        return False
+    if a_transposed:
+        return m <= HAND_TN_ROWS or k <= HAND_TN_INNER
+    return m <= HAND_NN_ROWS
 
 
 cdef inline void _small_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
                            const floating* a, Py_ssize_t rsa, Py_ssize_t csa,
                            const floating* b, floating* c, bint accumulate) noexcept nogil:
-    """C[m, n] = alpha * A @ B (+ C when ``accumulate``) for small operands, serially.
+    """C[m, n] = alpha * A @ B (+ C when ``accumulate``), serially.
     # IN  a: A[i, p] = a[i * rsa + p * csa], one of rsa, csa being 1 (A or a transpose)
     # IN  b: B, (k, n) row-major
     # OUT c: C, (m, n) row-major
-    float32 in the AVX2 build takes the hand kernels of _smallgemm.h (no packing of the
-    operands, which dominates gemm at these sizes); everything else takes gemm."""
-    if floating is float and NNF_HAVE_SMALL_GEMM and (m <= SMALL_GEMM_ROWS or k <= 32):
+    float32 takes the hand kernels of _smallgemm.h where ``_hand_product`` says they win;
+    everything else takes gemm."""
+    if floating is float and _hand_product(m, k, csa != 1):
         nnf_sgemm_nn(m, n, k, alpha, a, rsa, csa, b, n, c, n, accumulate)
     elif csa == 1 and rsa >= k:  # A as stored (the test keeps gemm's lda >= k when k == 1)
         _gemm(False, False, <int>m, n, <int>k, alpha, <floating*>a, <int>rsa, <floating*>b, n,
@@ -335,12 +351,53 @@ cdef inline void _small_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
               <floating>(1 if accumulate else 0), c, n)
 
 
+cdef void _matmul_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha, const floating* a,
+                     Py_ssize_t rsa, Py_ssize_t csa, const floating* b, floating* c,
+                     bint accumulate) noexcept nogil:
+    """``_small_nn`` across the OpenMP threads, or ``_pgemm`` where gemm wins.
+
+    Threads take blocks of C's columns (16-wide panels) when there are at least two panels
+    each, so the forward product and the update of a layer (C = W) give every thread the
+    same columns of W; otherwise blocks of C's rows."""
+    cdef:
+        int nthreads = _num_threads
+        int t, lo, hi, chunk
+        bint transposed = not (csa == 1 and rsa >= k)  # gemm's lda >= k when k == 1
+    if floating is not float or not _hand_product(m, k, transposed):
+        if transposed:
+            _pgemm(True, False, <int>m, n, <int>k, alpha, <floating*>a, <int>csa,
+                   <floating*>b, n, <floating>(1 if accumulate else 0), c, n)
+        else:
+            _pgemm(False, False, <int>m, n, <int>k, alpha, <floating*>a, <int>rsa,
+                   <floating*>b, n, <floating>(1 if accumulate else 0), c, n)
+        return
+    if nthreads <= 1 or 2.0 * m * n * k < PAR_MIN_FLOPS:
+        _small_nn(m, n, k, alpha, a, rsa, csa, b, c, accumulate)
+    elif n >= 32 * nthreads:
+        chunk = (n + nthreads - 1) // nthreads
+        chunk = ((chunk + 15) // 16) * 16
+        for t in prange(nthreads, num_threads=nthreads, schedule='static'):
+            lo = t * chunk
+            hi = min(n, lo + chunk)
+            if hi > lo:
+                nnf_sgemm_nn(m, hi - lo, k, alpha, a, rsa, csa, b + lo, n, c + lo, n,
+                             accumulate)
+    else:
+        chunk = <int>((m + nthreads - 1) // nthreads)
+        for t in prange(nthreads, num_threads=nthreads, schedule='static'):
+            lo = t * chunk
+            hi = <int>min(m, lo + chunk)
+            if hi > lo:
+                nnf_sgemm_nn(hi - lo, n, k, alpha, a + lo * rsa, rsa, csa, b, n,
+                             c + <Py_ssize_t>lo * n, n, accumulate)
+
+
 cdef inline void _small_nt(Py_ssize_t m, int n, int k, const floating* a, const floating* b,
                            floating* c, floating* scratch) noexcept nogil:
     """C[m, n] = A @ B^T for small operands, serially.
     # IN  a: A, (m, k) row-major;  b: B, (n, k) row-major
     # OUT c: C, (m, n) row-major;  scratch: room for k * n values (B^T when k is short)"""
-    if floating is float and NNF_HAVE_SMALL_GEMM and (m <= SMALL_GEMM_ROWS or k < 16):
+    if floating is float and NNF_HAVE_SMALL_GEMM and HAND_NT_ROWS > 0 and (m <= HAND_NT_ROWS or k < 16):
         nnf_sgemm_nt(m, n, k, 1, a, k, b, k, c, n, 0, scratch)
     else:
         _gemm(False, True, <int>m, n, k, <floating>1, <floating*>a, k, <floating*>b, k,
@@ -831,6 +888,20 @@ def _set_row_split_rows(Py_ssize_t min_rows_per_thread, Py_ssize_t min_batch):
     return old
 
 
+def _set_hand_product_limits(Py_ssize_t nn_rows, Py_ssize_t tn_rows, Py_ssize_t tn_inner,
+                             Py_ssize_t nt_rows):
+    """HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS (0 sends every product of
+    that form to gemm: for measuring the crossovers and for testing both paths); returns
+    the old four."""
+    global HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS
+    for v in (nn_rows, tn_rows, tn_inner, nt_rows):
+        if v < 0:
+            raise ValueError("hand product limits must be >= 0")
+    old = (HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS)
+    HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS = nn_rows, tn_rows, tn_inner, nt_rows
+    return old
+
+
 def _set_small_batch_limits(Py_ssize_t every_layer, Py_ssize_t large_layer,
                             Py_ssize_t split_layer):
     """Batches of fewer rows than ``every_layer`` use the hand loops; for layers of at
@@ -1094,11 +1165,11 @@ cdef void _blas_backward(const floating* x, floating* dz, Py_ssize_t m, int k, i
         _scale_by_slope(dx, <floating*>a_prev, m, k, act_prev)
     if fold:
         # plain SGD folded into the product: W += (-lr/M) X^T dZ
-        _pgemm(True, False, k, n, <int>m, neg, <floating*>x, k, dz, n, <floating>1, w, n)
+        _matmul_nn(k, n, m, neg, x, 1, k, dz, w, True)
         for r in range(m):
             _axpy(b, neg, dz + r * n, n)
         return
-    _pgemm(True, False, k, n, <int>m, <floating>1, <floating*>x, k, dz, n, <floating>1, dw, n)
+    _matmul_nn(k, n, m, <floating>1, x, 1, k, dz, dw, True)
     _add_column_sums(dz, db, m, n)
     if update:
         _update_array(opt, jw, w, dw, <Py_ssize_t>k * n, scale)
@@ -1106,10 +1177,11 @@ cdef void _blas_backward(const floating* x, floating* dz, Py_ssize_t m, int k, i
 
 
 def _small_matmul(str form, const floating[:, ::1] A, const floating[:, ::1] B,
-                  floating[:, ::1] C, double alpha=1.0, bint accumulate=False):
-    """Test hook of the small-product kernels of the row split (``_small_nn``,
-    ``_small_nt``): form "nn" C (+)= alpha A @ B, "tn" C (+)= alpha A^T @ B, "nt"
-    C = A @ B^T (alpha 1, no accumulate)."""
+                  floating[:, ::1] C, double alpha=1.0, bint accumulate=False,
+                  bint threaded=False):
+    """Test hook of the products (``_small_nn``, ``_small_nt``; with ``threaded``,
+    ``_matmul_nn`` across the kernel threads): form "nn" C (+)= alpha A @ B, "tn"
+    C (+)= alpha A^T @ B, "nt" C = A @ B^T (alpha 1, no accumulate)."""
     cdef:
         Py_ssize_t m = C.shape[0], n = C.shape[1], k
         int code = 0 if form == "nn" else 1 if form == "tn" else 2
@@ -1129,7 +1201,13 @@ def _small_matmul(str form, const floating[:, ::1] A, const floating[:, ::1] B,
     _check(m >= 1 and n >= 1 and k >= 1, "empty product")
     scratch = np.empty(k * n, dtype=np.float64 if floating is double else np.float32)
     with nogil:
-        if code == 0:
+        if threaded and code == 0:
+            _matmul_nn(m, <int>n, k, <floating>alpha, &A[0, 0], k, 1, &B[0, 0], &C[0, 0],
+                       accumulate)
+        elif threaded and code == 1:
+            _matmul_nn(m, <int>n, k, <floating>alpha, &A[0, 0], 1, m, &B[0, 0], &C[0, 0],
+                       accumulate)
+        elif code == 0:
             _small_nn(m, <int>n, k, <floating>alpha, &A[0, 0], k, 1, &B[0, 0], &C[0, 0],
                       accumulate)
         elif code == 1:
@@ -1184,8 +1262,8 @@ cdef double _net_forward(Net* net, const floating* x, Py_ssize_t m) noexcept nog
         if _hand_loops(net, m, k, n):
             _small_forward(net, inp, m, k, n, <floating*>net.W[l], <floating*>net.Z[l])
         else:
-            _pgemm(False, False, <int>m, n, k, <floating>1, <floating*>inp, k,
-                   <floating*>net.W[l], n, <floating>0, <floating*>net.Z[l], n)
+            _matmul_nn(m, n, k, <floating>1, inp, k, 1, <floating*>net.W[l],
+                       <floating*>net.Z[l], False)
         _bias_activate(<floating*>net.Z[l], <floating*>net.b[l], <floating*>net.A[l], m, n,
                        net.act[l])
         inp = <floating*>net.A[l]

@@ -1,8 +1,10 @@
-/* Small float32 matrix products by hand (AVX2+FMA build only), for the per-thread row
- * slices of small batches: there a gemm call spends more time packing its operands into
- * panels and zeroing C than multiplying (B/32 on a 64-128-10 net: OpenBLAS's A-panel copy
- * took 17 % of a training step and its kernel 22 %). These kernels read the operands
- * where they lie and keep a whole tile of C in registers across the inner dimension.
+/* Small and mid-sized float32 matrix products by hand (AVX2+FMA build only): the row
+ * split's per-thread slices and the layer products of batches up to a few hundred rows.
+ * There a gemm call spends more time packing its operands into panels than it saves
+ * (B/32 on a 64-128-10 net: OpenBLAS's A-panel copy took 17 % of a training step and its
+ * kernel 22 %; A/32's forward ran 47 GFLOP/s, 24 % of the step in the panel copy of W).
+ * These kernels read the operands where they lie and keep a whole tile of C in
+ * registers across a block of the inner dimension.
  *
  * Row-major, as the rest of the engine:
  *   nn: C[m, n] = alpha * A @ B (+ C when accumulate), A[i, p] = a[i * rsa + p * csa],
@@ -84,36 +86,53 @@ NNF_NN_TILE16_BOTH(4) NNF_NN_TILE16_BOTH(5) NNF_NN_TILE16_BOTH(6)
 NNF_NN_TILE8(1) NNF_NN_TILE8(2) NNF_NN_TILE8(3) NNF_NN_TILE8(4)
 NNF_NN_TILE8(5) NNF_NN_TILE8(6)
 
-#define NNF_NN_ROWS(MR)                                                                \
-static void nnf_snn_rows_##MR(long n, long k, float alpha, const float *a, long rsa,   \
-                              long csa, const float *b, long ldb, float *c, long ldc,  \
-                              int accumulate) {                                        \
-    long j = 0;                                                                        \
-    for (; j + 16 <= n; j += 16)                                                       \
-        nnf_snn_tile16_##MR(k, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate,  \
-                            _mm256_setzero_si256());                                   \
-    if (n - j > 8)                                                                     \
-        nnf_snn_tile16m_##MR(k, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate, \
-                             nnf_first_lanes(n - j - 8));                              \
-    else if (n > j)                                                                    \
-        nnf_snn_tile8_##MR(k, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate,  \
-                           nnf_first_lanes(n - j));                                    \
+/* One tile of C: mr (1-6) rows by the 16 (or, masked, the last nr <= 16) columns at b, c. */
+#define NNF_NN_TILE_CASE(KIND, MR)                                                     \
+    case MR: nnf_snn_##KIND##_##MR(k, alpha, a, rsa, csa, b, ldb, c, ldc, accumulate, mask); break;
+static inline void nnf_snn_tile(long mr, long nr, long k, float alpha, const float *a,
+                                long rsa, long csa, const float *b, long ldb, float *c,
+                                long ldc, int accumulate) {
+    __m256i mask;
+    if (nr == 16) {
+        mask = _mm256_setzero_si256();
+        switch (mr) {
+            NNF_NN_TILE_CASE(tile16, 1) NNF_NN_TILE_CASE(tile16, 2) NNF_NN_TILE_CASE(tile16, 3)
+            NNF_NN_TILE_CASE(tile16, 4) NNF_NN_TILE_CASE(tile16, 5) NNF_NN_TILE_CASE(tile16, 6)
+        }
+    } else if (nr > 8) {
+        mask = nnf_first_lanes(nr - 8);
+        switch (mr) {
+            NNF_NN_TILE_CASE(tile16m, 1) NNF_NN_TILE_CASE(tile16m, 2) NNF_NN_TILE_CASE(tile16m, 3)
+            NNF_NN_TILE_CASE(tile16m, 4) NNF_NN_TILE_CASE(tile16m, 5) NNF_NN_TILE_CASE(tile16m, 6)
+        }
+    } else {
+        mask = nnf_first_lanes(nr);
+        switch (mr) {
+            NNF_NN_TILE_CASE(tile8, 1) NNF_NN_TILE_CASE(tile8, 2) NNF_NN_TILE_CASE(tile8, 3)
+            NNF_NN_TILE_CASE(tile8, 4) NNF_NN_TILE_CASE(tile8, 5) NNF_NN_TILE_CASE(tile8, 6)
+        }
+    }
 }
-NNF_NN_ROWS(1) NNF_NN_ROWS(2) NNF_NN_ROWS(3) NNF_NN_ROWS(4) NNF_NN_ROWS(5) NNF_NN_ROWS(6)
+
+/* Inner-dimension block: a 256 x 16 block of B (16 KB) is read by every row tile while it
+ * is still in L2. Row-major B with a row stride of 1 KB maps its rows to 1/16 of L2's sets,
+ * so a whole 784-row panel did not stay there: 32x784 @ 784x256 ran 67 GFLOP/s sweeping
+ * all of B per 6 rows, 73-75 in blocks of 128-256 rows (OpenBLAS: 47; one thread). */
+#define NNF_NN_KC 256
 
 static void nnf_sgemm_nn(long m, long n, long k, float alpha, const float *a, long rsa,
                          long csa, const float *b, long ldb, float *c, long ldc,
                          int accumulate) {
-    long i = 0;
-    for (; i + 6 <= m; i += 6)
-        nnf_snn_rows_6(n, k, alpha, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc, accumulate);
-    switch (m - i) {
-    case 5: nnf_snn_rows_5(n, k, alpha, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc, accumulate); break;
-    case 4: nnf_snn_rows_4(n, k, alpha, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc, accumulate); break;
-    case 3: nnf_snn_rows_3(n, k, alpha, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc, accumulate); break;
-    case 2: nnf_snn_rows_2(n, k, alpha, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc, accumulate); break;
-    case 1: nnf_snn_rows_1(n, k, alpha, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc, accumulate); break;
-    default: break;
+    for (long p0 = 0; p0 < k || p0 == 0; p0 += NNF_NN_KC) {
+        long kc = k - p0 < NNF_NN_KC ? k - p0 : NNF_NN_KC;
+        int acc = accumulate || p0 > 0;
+        const float *ap = a + p0 * csa, *bp = b + p0 * ldb;
+        for (long j = 0; j < n; j += 16) {
+            long nr = n - j < 16 ? n - j : 16;
+            for (long i = 0; i < m; i += 6)
+                nnf_snn_tile(m - i < 6 ? m - i : 6, nr, kc, alpha, ap + i * rsa, rsa, csa,
+                             bp + j, ldb, c + i * ldc + j, ldc, acc);
+        }
     }
 }
 

@@ -174,6 +174,39 @@ def test_small_products_at_every_tile_edge(form, dtype):
                         err_msg=f"{form} m={m} n={n} k={k} alpha={alpha} acc={accumulate}")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("form", ["nn", "tn"])
+def test_layer_sized_products_on_both_paths(form, threads):
+    """The products of the larger layers, on the hand kernels and on gemm (limits 0): inner
+    dimensions across the hand kernels' 256-row blocks, rows on both sides of the
+    crossovers, columns split in 16-wide blocks across threads or, when narrow, rows."""
+    rng = np.random.default_rng(11)
+    old_threads = nf.get_num_threads()
+    nf.set_num_threads(threads)
+    try:
+        for m, n, k in [(32, 256, 784), (7, 130, 257), (200, 64, 255), (129, 10, 512),
+                        (784, 48, 33), (40, 33, 256), (1, 17, 600), (5, 20, 1)]:
+            A = rng.standard_normal((k, m) if form == "tn" else (m, k)).astype(np.float32)
+            B = rng.standard_normal((k, n)).astype(np.float32)
+            C0 = rng.standard_normal((m, n)).astype(np.float32)
+            for limits in [None, (0, 0, 0, 0)]:
+                old = _kernels._set_hand_product_limits(*limits) if limits else None
+                try:
+                    for alpha, accumulate in [(1.0, False), (-0.5, True)]:
+                        C = C0.copy() if accumulate else np.full((m, n), np.nan, np.float32)
+                        _kernels._small_matmul(form, A, B, C, alpha, accumulate, True)
+                        ref = _small_ref(form, A, B, C0, alpha, accumulate)
+                        scale = np.abs(A).max() * np.abs(B).max() * k + np.abs(C0).max()
+                        np.testing.assert_allclose(
+                            C, ref, rtol=2e-6, atol=2e-6 * scale,
+                            err_msg=f"{form} m={m} n={n} k={k} limits={limits}")
+                finally:
+                    if old:
+                        _kernels._set_hand_product_limits(*old)
+    finally:
+        nf.set_num_threads(old_threads)
+
+
 def test_small_products_reject_bad_shapes():
     a = np.ones((3, 4), np.float32)
     with pytest.raises(ValueError, match="nn shapes"):
