@@ -12,18 +12,23 @@ application is left alone. Nested blocks share one flag.
 """
 from __future__ import annotations
 
-import signal
-import threading
+import _thread
 
-try:  # the C module: its signal()/getsignal() skip the enum conversions (10x faster)
-    import _signal as _sig
+try:  # the C module: its signal()/getsignal() skip the enum conversions (10x faster),
+    import _signal as _sig  # and it imports in microseconds where signal takes 2 ms
 except ImportError:  # pragma: no cover - other Python implementations
-    _sig = signal
+    import signal as _sig
 
-_SIGINT = int(signal.SIGINT)
-_DEFAULT = signal.default_int_handler
-_MAIN = threading.main_thread().ident
-_state = {"depth": 0, "pending": False}
+_SIGINT = int(_sig.SIGINT)
+_DEFAULT = _sig.default_int_handler
+_state = {"depth": 0, "pending": False, "main": None}
+
+
+def _on_main_thread() -> bool:
+    if _state["main"] is None:  # threading is imported on first use, not by import nnfast
+        import threading
+        _state["main"] = threading.main_thread().ident
+    return _thread.get_ident() == _state["main"]
 
 
 def _handler(signum, frame):
@@ -32,7 +37,7 @@ def _handler(signum, frame):
 
 def pending() -> bool:
     """True when a SIGINT arrived during the active deferral (main thread only)."""
-    return _state["pending"] and threading.get_ident() == _MAIN
+    return _state["pending"] and _on_main_thread()
 
 
 def clear() -> None:
@@ -47,7 +52,7 @@ class deferred_sigint:
 
     def __enter__(self):
         self._active = False
-        if threading.get_ident() != _MAIN:
+        if not _on_main_thread():
             return self
         if _state["depth"] == 0:
             try:

@@ -39,11 +39,9 @@ def wants_batches(callback) -> bool:
 
 
 # --- built-in callbacks -------------------------------------------------------------------
-import logging as _logging
 import math as _math
 import os as _os
 
-_logger = _logging.getLogger("nnfast")
 _MODES = ("auto", "min", "max")
 
 
@@ -171,8 +169,10 @@ class EarlyStopping(Callback):
 
     def on_train_end(self, history) -> None:
         if self.stopped_epoch:
-            _logger.info("EarlyStopping: stopped after epoch %d (best %s = %.6g at epoch %d)",
-                         self.stopped_epoch + 1, self.monitor, self.best, self.best_epoch + 1)
+            import logging
+            logging.getLogger("nnfast").info(
+                "EarlyStopping: stopped after epoch %d (best %s = %.6g at epoch %d)",
+                self.stopped_epoch + 1, self.monitor, self.best, self.best_epoch + 1)
         if self.restore_best_weights and self.best_weights is not None:
             self.model.set_weights(self.best_weights)
 

@@ -10,8 +10,8 @@ One training iteration, top to bottom::
 """
 from __future__ import annotations
 
+import _thread
 import functools
-import threading
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -40,7 +40,7 @@ class _ModelGuard:
     __slots__ = ("_lock",)
 
     def __init__(self):
-        self._lock = threading.RLock()
+        self._lock = _thread.RLock()
 
     def __enter__(self):
         if not self._lock.acquire(False):

@@ -17,8 +17,6 @@ time up to the last finite one.
 """
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 from typing import Dict, List, Optional
@@ -36,7 +34,13 @@ from .callbacks import wants_batches
 from .data import epoch_order, iterations_per_epoch, resolve_batch_size
 from .optim import get_optimizer, optimizer_from_config
 
-logger = logging.getLogger("nnfast")
+
+
+def _logger():
+    """The "nnfast" logger. logging (and json below) are imported where they are used:
+    together they were a third of what ``import nnfast`` adds to NumPy's import."""
+    import logging
+    return logging.getLogger("nnfast")
 _SAMPLES_PER_CALL = 8192      # compiled backend: samples per nogil call
 _PY_SAMPLES_PER_CALL = 512    # Python-loop backends: samples between interrupt checks
 
@@ -374,8 +378,8 @@ def _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate, shuffle, 
                 for key, value in logs.items():
                     hist._log(key, value)
                 if verbose:
-                    logger.info("epoch %d/%d - %s", epoch + 1, epochs,
-                                " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
+                    _logger().info("epoch %d/%d - %s", epoch + 1, epochs,
+                                   " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
                 for cb in callbacks:
                     fn = getattr(cb, "on_epoch_end", None)
                     if fn is not None and fn(epoch, logs):
@@ -514,6 +518,7 @@ def _restore(path, model, optimizer, config, epochs, n_iters, rng, hist):
             raise bad(f"invalid optimizer description ({exc})") from None
     else:
         opt = optimizer
+        import json
         if json.loads(json.dumps(opt.config())) != header["optimizer"]:
             raise ValueError(f"checkpoint {path!r} was written with optimizer "
                              f"{header['optimizer']}, this fit has {opt.config()}; resume "
@@ -632,6 +637,8 @@ def _progress_bar(total, epoch, epochs):
 
 
 def _ensure_log_handler():
+    import logging
+    logger = _logger()
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
