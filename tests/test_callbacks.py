@@ -431,6 +431,15 @@ def test_import_nnfast_does_not_import_matplotlib():
     subprocess.run([sys.executable, "-c", code], check=True, env=_env())
 
 
+def test_import_nnfast_leaves_slow_stdlib_modules_for_later():
+    # logging, json, signal and threading took 10-15 ms of import nnfast's budget (issue 4:
+    # under 150 ms, most of it NumPy's); they are imported where fit or save use them
+    code = ("import sys, nnfast\n"
+            "late = [m for m in ('logging', 'json', 'signal', 'threading') if m in sys.modules]\n"
+            "assert not late, late")
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env())
+
+
 def test_plot_history_without_matplotlib_says_how_to_install(tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None\n"
             "import nnfast as nf\n"
