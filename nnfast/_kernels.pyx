@@ -1461,6 +1461,39 @@ cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floa
     return total
 
 
+cdef void _gather_rows_range(const floating* X, Py_ssize_t d, const floating* T,
+                             Py_ssize_t kt, const int64_t* labels, const int64_t* rows,
+                             floating* xbuf, floating* tbuf, int64_t* lbuf, Py_ssize_t r0,
+                             Py_ssize_t r1) noexcept nogil:
+    cdef Py_ssize_t r, src
+    for r in range(r0, r1):
+        src = rows[r]
+        memcpy(xbuf + r * d, X + src * d, d * sizeof(floating))
+        if T != NULL:
+            memcpy(tbuf + r * kt, T + src * kt, kt * sizeof(floating))
+        if labels != NULL:
+            lbuf[r] = labels[src]
+
+
+cdef void _gather_batch(const floating* X, Py_ssize_t d, const floating* T, Py_ssize_t kt,
+                        const int64_t* labels, const int64_t* rows, Py_ssize_t m,
+                        floating* xbuf, floating* tbuf, int64_t* lbuf) noexcept nogil:
+    """Batch buffers <- the rows ``rows[0..m)`` of X, T and labels. Split across threads
+    for large batches: the rows are scattered over all of X, so each copy waits on
+    memory (rows of 784 floats out of 60,000, C microbenchmark: 512 rows 263 -> 149 us on
+    two threads, 128 rows 69 -> 42 us, 64 rows 25 -> 16 us; an A/512 step is ~5 ms)."""
+    cdef:
+        int nthreads = _threads_for(<double>m * (d + kt)), t
+        Py_ssize_t chunk
+    if nthreads <= 1:
+        _gather_rows_range(X, d, T, kt, labels, rows, xbuf, tbuf, lbuf, 0, m)
+        return
+    chunk = (m + nthreads - 1) // nthreads
+    for t in prange(nthreads, num_threads=nthreads, schedule='static'):
+        _gather_rows_range(X, d, T, kt, labels, rows, xbuf, tbuf, lbuf, t * chunk,
+                           min(m, (t + 1) * chunk))
+
+
 cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floating* T,
                          Py_ssize_t kt, const int64_t* labels, const int64_t* order,
                          Py_ssize_t n_samples, Py_ssize_t bs, Py_ssize_t it0, Py_ssize_t it1,
@@ -1473,7 +1506,7 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
     samples] of the open accumulation group, carried across calls. Returns the index of
     an iteration whose loss was not finite (it stopped there), else -1."""
     cdef:
-        Py_ssize_t it, r, start, m, src
+        Py_ssize_t it, start, m
         const floating* xb
         const floating* tb
         const int64_t* lb
@@ -1486,13 +1519,7 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
         tb = T + start * kt if T != NULL else NULL
         lb = labels + start if labels != NULL else NULL
         if order != NULL:
-            for r in range(m):
-                src = order[start + r]
-                memcpy(xbuf + r * d, X + src * d, d * sizeof(floating))
-                if T != NULL:
-                    memcpy(tbuf + r * kt, T + src * kt, kt * sizeof(floating))
-                if labels != NULL:
-                    lbuf[r] = labels[src]
+            _gather_batch(X, d, T, kt, labels, order + start, m, xbuf, tbuf, lbuf)
             xb = xbuf
             tb = tbuf if T != NULL else NULL
             lb = lbuf if labels != NULL else NULL
