@@ -341,9 +341,10 @@ cdef inline void _small_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
     # OUT c: C, (m, n) row-major
     float32 takes the hand kernels of _smallgemm.h where ``_hand_product`` says they win;
     everything else takes gemm."""
-    if floating is float and _hand_product(m, k, csa != 1):
+    cdef bint as_stored = csa == 1 and rsa >= k  # not A^T (gemm's lda >= k when k == 1)
+    if floating is float and _hand_product(m, k, not as_stored):
         nnf_sgemm_nn(m, n, k, alpha, a, rsa, csa, b, n, c, n, accumulate)
-    elif csa == 1 and rsa >= k:  # A as stored (the test keeps gemm's lda >= k when k == 1)
+    elif as_stored:
         _gemm(False, False, <int>m, n, <int>k, alpha, <floating*>a, <int>rsa, <floating*>b, n,
               <floating>(1 if accumulate else 0), c, n)
     else:
@@ -362,9 +363,9 @@ cdef void _matmul_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha, const fl
     cdef:
         int nthreads = _num_threads
         int t, lo, hi, chunk
-        bint transposed = not (csa == 1 and rsa >= k)  # gemm's lda >= k when k == 1
-    if floating is not float or not _hand_product(m, k, transposed):
-        if transposed:
+        bint as_stored = csa == 1 and rsa >= k  # as in _small_nn
+    if floating is not float or not _hand_product(m, k, not as_stored):
+        if not as_stored:
             _pgemm(True, False, <int>m, n, <int>k, alpha, <floating*>a, <int>csa,
                    <floating*>b, n, <floating>(1 if accumulate else 0), c, n)
         else:
@@ -397,7 +398,8 @@ cdef inline void _small_nt(Py_ssize_t m, int n, int k, const floating* a, const 
     """C[m, n] = A @ B^T for small operands, serially.
     # IN  a: A, (m, k) row-major;  b: B, (n, k) row-major
     # OUT c: C, (m, n) row-major;  scratch: room for k * n values (B^T when k is short)"""
-    if floating is float and NNF_HAVE_SMALL_GEMM and HAND_NT_ROWS > 0 and (m <= HAND_NT_ROWS or k < 16):
+    if (floating is float and NNF_HAVE_SMALL_GEMM and HAND_NT_ROWS > 0
+            and (m <= HAND_NT_ROWS or k < 16)):
         nnf_sgemm_nt(m, n, k, 1, a, k, b, k, c, n, 0, scratch)
     else:
         _gemm(False, True, <int>m, n, k, <floating>1, <floating*>a, k, <floating*>b, k,
