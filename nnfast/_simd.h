@@ -3,18 +3,24 @@
 #ifndef NNFAST_SIMD_H
 #define NNFAST_SIMD_H
 
-/* Batch rows below which the hand loops beat gemm, measured per build (2-core EPYC,
- * OpenBLAS, in-process A/B of the limits, median of 5-7 alternating pairs):
- * NNF_SMALL_BATCH for every layer; for layers of at least PAR_MIN_ELEMS weights,
- * NNF_SMALL_BATCH_LARGE on one thread and NNF_SMALL_BATCH_SPLIT when their rows are split
- * across threads. On 784-256-128-10, hand loops / gemm: AVX2 one thread 1.21 at 7 rows,
- * 1.04 at 8, 0.90 at 10; two threads 1.43 at 12, 1.01 at 13, 0.98 at 14, 0.72 at 16.
- * SSE2 one thread 1.09 at 6, 0.73 at 8; two threads 1.13 at 6, 0.91 at 8. Narrow layers
- * (64-128-10) lose from 4 rows on (0.92 at 4, 0.72 at 6) and win below (1.38 at 3). */
+/* Batch rows below which the hand loops beat the layer products, measured per build
+ * (2-core EPYC, OpenBLAS; the limits set through _set_small_batch_limits, processes
+ * alternated, medians of 4-7 runs): NNF_SMALL_BATCH for every layer; for layers of at
+ * least PAR_MIN_ELEMS weights, NNF_SMALL_BATCH_LARGE on one thread and
+ * NNF_SMALL_BATCH_SPLIT when their rows are split across threads.
+ * AVX2, where the products are the hand kernels of _smallgemm.h up to 192 rows, on
+ * 784-256-128-10, products / hand loops (samples/s): one thread 0.65 at 2 rows, 0.81 at
+ * 3, 1.14 at 4, 1.26 at 6, 1.44 at 8; two threads 0.84 at 4, 0.97 at 6, 0.93 at 7,
+ * 1.04-1.10 at 8, 1.38 at 12. (Against gemm, before those kernels, the hand loops won up
+ * to 8 rows on one thread and 12 on two.) float64 shares the float32 limits; its products
+ * are gemm, and the new limits measured 1.05 at A/8 on two threads, 0.97 at A/6 on one.
+ * SSE2 (gemm), hand loops / gemm: one thread 1.09 at 6, 0.73 at 8; two threads 1.13 at 6,
+ * 0.91 at 8. Narrow layers (64-128-10) lose from 4 rows on (0.92 at 4, 0.72 at 6) and win
+ * below (1.38 at 3). */
 #define NNF_SMALL_BATCH 4
 #if defined(__AVX2__) && defined(__FMA__)
-#define NNF_SMALL_BATCH_LARGE 9
-#define NNF_SMALL_BATCH_SPLIT 13
+#define NNF_SMALL_BATCH_LARGE 4
+#define NNF_SMALL_BATCH_SPLIT 8
 #else
 #define NNF_SMALL_BATCH_LARGE 7
 #define NNF_SMALL_BATCH_SPLIT 7

@@ -1,9 +1,10 @@
 """Hand loops vs gemm (issue 4 fast paths).
 
-Small batches run hand-written loops over W's rows instead of gemm: below 4 rows for
-every layer and, for layers of at least 32,768 weights, up to 8 rows on one thread and
-up to 12 when their rows are split across threads in the AVX2 build, up to 6 in the SSE2
-build (limits measured per build, ``_simd.h``). Whichever path a layer takes, training must give the same result:
+Small batches run hand-written loops over W's rows instead of the layer products: below
+4 rows for every layer and, for layers of at least 32,768 weights, up to 7 rows when
+their rows are split across threads in the AVX2 build, up to 6 on one thread or two in
+the SSE2 build (limits measured per build, ``_simd.h``). Whichever path a layer takes,
+training must give the same result:
 here each batch size from 1 to 12 is trained with the limits forcing gemm everywhere,
 forcing the hand loops everywhere, and at the build's defaults, against each other and
 the NumPy backend. The limits are module knobs; a plan made before they are raised must
