@@ -830,15 +830,14 @@ def gather_rows(const floating[:, ::1] X, const int64_t[::1] index, floating[:, 
     X (N, d) IN; index (m,) IN, each in [0, N); out (m, d) OUT."""
     cdef:
         Py_ssize_t m = index.shape[0], d = X.shape[1], N = X.shape[0], i
-        size_t row_bytes = d * sizeof(floating)
     _check(out.shape[0] == m and out.shape[1] == d, "out must be (len(index), X.shape[1])")
     for i in range(m):
         _check(0 <= index[i] < N, "index out of range")
     if m == 0 or d == 0:
         return
     with nogil:
-        for i in range(m):
-            memcpy(&out[i, 0], &X[index[i], 0], row_bytes)
+        _gather_batch(&X[0, 0], d, <floating*>NULL, 0, NULL, &index[0], m, &out[0, 0],
+                      <floating*>NULL, NULL)
 
 
 # ----------------------------------------------------------------------------------

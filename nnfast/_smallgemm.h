@@ -198,7 +198,8 @@ static inline void nnf_snt_tile(long mr, long nr, long k, float alpha, const flo
 
 /* A short inner dimension (k < 16: the backward through a 10-class output layer) leaves
  * the tiles above mostly horizontal sums; there B^T is written to ``scratch`` (k * n
- * floats) and the product taken as nn (measured 16x10 @ (128x10)^T: 2.0 us as nt, ??). */
+ * floats) and the product taken as nn (16 rows of dX through a 10-wide layer, 16x10 @ (128x10)^T: 2.0 us as nt tiles,
+ * 1.05 us this way, OpenBLAS 1.6 us). */
 static void nnf_sgemm_nt(long m, long n, long k, float alpha, const float *a, long lda,
                          const float *b, long ldb, float *c, long ldc, int accumulate,
                          float *scratch) {

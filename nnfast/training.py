@@ -34,6 +34,8 @@ from .callbacks import wants_batches
 from .data import epoch_order, iterations_per_epoch, resolve_batch_size
 from .optim import get_optimizer, optimizer_from_config
 
+_SAMPLES_PER_CALL = 8192      # compiled backend: samples per nogil call
+_PY_SAMPLES_PER_CALL = 512    # Python-loop backends: samples between interrupt checks
 
 
 def _logger():
@@ -41,8 +43,6 @@ def _logger():
     together they were a third of what ``import nnfast`` adds to NumPy's import."""
     import logging
     return logging.getLogger("nnfast")
-_SAMPLES_PER_CALL = 8192      # compiled backend: samples per nogil call
-_PY_SAMPLES_PER_CALL = 512    # Python-loop backends: samples between interrupt checks
 
 
 class DivergenceError(FloatingPointError):
