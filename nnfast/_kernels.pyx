@@ -57,6 +57,12 @@ cdef extern from "_simd.h":
     double nnf_ddot(const double* a, const double* b, long n) noexcept nogil
     void nnf_saxpy(float* y, float alpha, const float* x, long n) noexcept nogil
     void nnf_daxpy(double* y, double alpha, const double* x, long n) noexcept nogil
+    void nnf_sforward4(const float* w, long n, const float* b, float* z) noexcept nogil
+    void nnf_dforward4(const double* w, long n, const double* b, double* z) noexcept nogil
+    void nnf_sstep_forward4(float* w, long n, const float* dz, const float* a,
+                            const float* b, float* z) noexcept nogil
+    void nnf_dstep_forward4(double* w, long n, const double* dz, const double* a,
+                            const double* b, double* z) noexcept nogil
     int nnf_snarrow(long n) noexcept nogil
     int nnf_dnarrow(long n) noexcept nogil
     void nnf_snarrow_axpy(float* y, float alpha, const float* x, long n) noexcept nogil
@@ -957,6 +963,16 @@ cdef struct Net:
     void* split_scratch       # row split: n_params values per thread (B^T), or NULL
     double* split_loss        # per-thread results of the row split
     int64_t* split_correct
+    void* next_x              # scratch_rows rows of X, T and labels: the batch after the
+    void* next_t              # current one, gathered while the current one is in use
+    int64_t* next_labels      # (the fused first-layer pass, see _net_run)
+    int64_t fused_iterations  # iterations whose first-layer product came from that pass
+
+
+cdef struct Batch:
+    void* x                   # (rows, width[0]) inputs
+    void* t                   # (rows, outputs) targets, or NULL
+    int64_t* labels           # (rows,) class labels, or NULL
 
 
 cdef void _begin_step(OptSpec* opt) noexcept nogil:
@@ -1001,17 +1017,69 @@ cdef void _small_forward_rows(const floating* x, Py_ssize_t m, int k, int n,
     skipped."""
     cdef:
         Py_ssize_t r, i
-        floating xv
     if _narrow(z, n):
         for r in range(m):
             _narrow_forward(x + r * k, w, i0, i1, n, z + r * n)
         return
     memset(z, 0, m * n * sizeof(floating))
-    for i in range(i0, i1):
-        for r in range(m):
-            xv = x[r * k + i]
-            if xv != 0:
-                _axpy(z + r * n, xv, w + i * n, n)
+    i = i0
+    while i + 4 <= i1:
+        _forward_rows4(x, m, k, n, w, z, i)
+        i += 4
+    for i in range(i, i1):
+        _forward_row(x, m, k, n, w + i * n, z, i)
+
+
+cdef inline void _forward_row(const floating* x, Py_ssize_t m, int k, int n,
+                              const floating* wi, floating* z, Py_ssize_t i) noexcept nogil:
+    """Z[r] += X[r, i] * W[i] for the m rows of X (zero inputs skipped)."""
+    cdef:
+        Py_ssize_t r
+        floating xv
+    for r in range(m):
+        xv = x[r * k + i]
+        if xv != 0:
+            _axpy(z + r * n, xv, wi, n)
+
+
+cdef inline void _forward_rows4(const floating* x, Py_ssize_t m, int k, int n,
+                                const floating* w, floating* z, Py_ssize_t i) noexcept nogil:
+    """``_forward_row`` for rows i..i+3 of W: each Z[r] gets the four rows' terms in row
+    order, as from four calls, but in one pass over Z[r] when its four inputs are
+    non-zero (``nnf_*forward4``); zero inputs are skipped as there."""
+    cdef:
+        Py_ssize_t r, q
+        floating xv[4]
+        const floating* xr
+    for r in range(m):
+        xr = x + r * k + i
+        if xr[0] != 0 and xr[1] != 0 and xr[2] != 0 and xr[3] != 0:
+            xv[0] = xr[0]
+            xv[1] = xr[1]
+            xv[2] = xr[2]
+            xv[3] = xr[3]
+            if floating is float:
+                nnf_sforward4(w + i * n, n, xv, z + r * n)
+            else:
+                nnf_dforward4(w + i * n, n, xv, z + r * n)
+            continue
+        for q in range(4):
+            if xr[q] != 0:
+                _axpy(z + r * n, xr[q], w + (i + q) * n, n)
+
+
+cdef inline void _reduce_partials(Net* net, floating* z, Py_ssize_t m, int n,
+                                  int nthreads) noexcept nogil:
+    """Z += the partial products of threads 1.. (thread 0 wrote Z itself), in thread
+    order, so the sum does not depend on which thread finished first."""
+    cdef:
+        int t
+        Py_ssize_t e
+        floating* part
+    for t in range(1, nthreads):
+        part = <floating*>net.scratch + (t - 1) * m * n
+        for e in range(m * n):
+            z[e] = z[e] + part[e]
 
 
 cdef inline int _small_threads(Net* net, int k, int n) noexcept nogil:
@@ -1040,8 +1108,7 @@ cdef void _small_forward(Net* net, const floating* x, Py_ssize_t m, int k, int n
                          const floating* w, floating* z) noexcept nogil:
     cdef:
         int nthreads = _small_threads(net, k, n), t
-        Py_ssize_t chunk, lo, hi, e
-        floating* part
+        Py_ssize_t chunk, lo, hi
     if nthreads <= 1:
         _small_forward_rows(x, m, k, n, w, z, 0, k)
         return
@@ -1051,10 +1118,7 @@ cdef void _small_forward(Net* net, const floating* x, Py_ssize_t m, int k, int n
         hi = min(k, lo + chunk)
         _small_forward_rows(x, m, k, n, w,
                             z if t == 0 else <floating*>net.scratch + (t - 1) * m * n, lo, hi)
-    for t in range(1, nthreads):
-        part = <floating*>net.scratch + (t - 1) * m * n
-        for e in range(m * n):
-            z[e] = z[e] + part[e]
+    _reduce_partials(net, z, m, n, nthreads)
 
 
 cdef void _small_backward_rows(const floating* x, const floating* dz, Py_ssize_t m, int k,
@@ -1067,7 +1131,7 @@ cdef void _small_backward_rows(const floating* x, const floating* dz, Py_ssize_t
     micro-batch) W[i] is updated directly and dW stays untouched."""
     cdef:
         Py_ssize_t r, i
-        floating xv, sl
+        floating sl
         floating* wi
         floating neg = <floating>(-opt.lr * scale) if fold else 0
     if _narrow(w, n):
@@ -1080,15 +1144,71 @@ cdef void _small_backward_rows(const floating* x, const floating* dz, Py_ssize_t
             for r in range(m):
                 sl = _activation_slope(a_prev[r * k + i], act_prev)
                 dx[r * k + i] = _dot(dz + r * n, wi, n) * sl if sl != 0 else 0
-        for r in range(m):
-            xv = x[r * k + i]
-            if xv != 0:
-                if fold:
-                    _axpy(wi, neg * xv, dz + r * n, n)
-                else:
-                    _axpy(dw + i * n, xv, dz + r * n, n)
-        if update and not fold:
-            _update_range(opt, jw, w, dw, scale, i * n, (i + 1) * n)
+        _gradient_row(x, dz, m, k, n, w, dw, opt, jw, update, fold, scale, neg, i)
+
+
+cdef inline void _gradient_row(const floating* x, const floating* dz, Py_ssize_t m, int k,
+                               int n, floating* w, floating* dw, OptSpec* opt, int jw,
+                               bint update, bint fold, double scale, floating neg,
+                               Py_ssize_t i) noexcept nogil:
+    """Row i of W: dW[i] += X[:, i]^T dZ and its update, or with ``fold`` the plain SGD
+    step W[i] += neg * X[:, i]^T dZ (neg = -lr / samples) with dW untouched."""
+    cdef:
+        Py_ssize_t r
+        floating xv
+        floating* wi = w + i * n
+    for r in range(m):
+        xv = x[r * k + i]
+        if xv != 0:
+            if fold:
+                _axpy(wi, neg * xv, dz + r * n, n)
+            else:
+                _axpy(dw + i * n, xv, dz + r * n, n)
+    if update and not fold:
+        _update_range(opt, jw, w, dw, scale, i * n, (i + 1) * n)
+
+
+cdef void _first_layer_step_forward_rows(const floating* x, const floating* dz,
+                                         Py_ssize_t m, int k, int n, floating* w,
+                                         floating* dw, OptSpec* opt, bint update, bint fold,
+                                         double scale, const floating* x_next,
+                                         Py_ssize_t m_next, floating* z_next, Py_ssize_t i0,
+                                         Py_ssize_t i1) noexcept nogil:
+    """Rows i0..i1 of the first layer: this batch's gradient and step of row i (as
+    ``_small_backward_rows``; the first layer has no dX), then the next batch's forward
+    product through the stepped row while it is still in L1 cache
+    (Z_next += X_next[:, i] * W[i], as ``_small_forward_rows``). W is streamed once per
+    iteration instead of twice; each row sees the same operations in the same order as in
+    the two separate passes, so the results are identical."""
+    cdef:
+        Py_ssize_t i = i0, r
+        floating neg = <floating>(-opt.lr * scale) if fold else 0
+        floating a[4]
+        floating b[4]
+        bint dense
+    memset(z_next, 0, m_next * n * sizeof(floating))
+    while i + 4 <= i1:
+        # batch 1, plain SGD, no zero input: step and forward in one pass over the rows
+        dense = fold and m == 1 and m_next == 1
+        r = 0
+        while dense and r < 4:
+            a[r] = neg * x[i + r]
+            b[r] = x_next[i + r]
+            dense = x[i + r] != 0 and b[r] != 0
+            r += 1
+        if dense:
+            if floating is float:
+                nnf_sstep_forward4(w + i * n, n, dz, a, b, z_next)
+            else:
+                nnf_dstep_forward4(w + i * n, n, dz, a, b, z_next)
+        else:  # four rows stepped, then read (still in L1) by the forward
+            for r in range(4):
+                _gradient_row(x, dz, m, k, n, w, dw, opt, 0, update, fold, scale, neg, i + r)
+            _forward_rows4(x_next, m_next, k, n, w, z_next, i)
+        i += 4
+    for i in range(i, i1):
+        _gradient_row(x, dz, m, k, n, w, dw, opt, 0, update, fold, scale, neg, i)
+        _forward_row(x_next, m_next, k, n, w + i * n, z_next, i)
 
 
 cdef void _small_backward_narrow_rows(const floating* x, const floating* dz, Py_ssize_t m,
@@ -1125,15 +1245,32 @@ cdef void _small_backward_narrow_rows(const floating* x, const floating* dz, Py_
 cdef void _small_backward(Net* net, const floating* x, const floating* dz, Py_ssize_t m,
                           int k, int n, floating* w, floating* dw, floating* b, floating* db,
                           floating* dx, const floating* a_prev, int act_prev,
-                          OptSpec* opt, int jw, bint update, bint fold,
-                          double scale) noexcept nogil:
+                          OptSpec* opt, int jw, bint update, bint fold, double scale,
+                          const floating* x_next, Py_ssize_t m_next) noexcept nogil:
     """Backward (and update) of one layer for a few rows; W's rows split across threads
-    exactly as in ``_small_forward``."""
+    exactly as in ``_small_forward``. With ``x_next`` (first layer only, see
+    ``_first_layer_fusable``) the same pass also computes the next batch's first-layer
+    product X_next @ W into Z[0], through the rows just stepped."""
     cdef:
         int nthreads = _small_threads(net, k, n), t
         Py_ssize_t r, chunk, lo, hi
         floating neg = <floating>(-opt.lr * scale) if fold else 0
-    if nthreads <= 1:
+        floating* z_next = <floating*>net.Z[0]
+    if x_next != NULL:
+        if nthreads <= 1:
+            _first_layer_step_forward_rows(x, dz, m, k, n, w, dw, opt, update, fold, scale,
+                                           x_next, m_next, z_next, 0, k)
+        else:
+            chunk = (k + nthreads - 1) // nthreads
+            for t in prange(nthreads, num_threads=nthreads, schedule='static'):
+                lo = t * chunk
+                hi = min(k, lo + chunk)
+                _first_layer_step_forward_rows(
+                    x, dz, m, k, n, w, dw, opt, update, fold, scale, x_next, m_next,
+                    z_next if t == 0 else <floating*>net.scratch + (t - 1) * m_next * n,
+                    lo, hi)
+            _reduce_partials(net, z_next, m_next, n, nthreads)
+    elif nthreads <= 1:
         _small_backward_rows(x, dz, m, k, n, w, dw, dx, a_prev, act_prev, opt, jw, update,
                              fold, scale, 0, k)
     else:
@@ -1253,14 +1390,19 @@ cdef int64_t _count_correct(const floating* a, const floating* t, const int64_t*
     return c
 
 
-cdef double _net_forward(Net* net, const floating* x, Py_ssize_t m) noexcept nogil:
+cdef double _net_forward(Net* net, const floating* x, Py_ssize_t m,
+                         bint first_ready) noexcept nogil:
+    """Forward pass of m rows; with ``first_ready`` Z[0] already holds X @ W0 (computed by
+    the previous iteration's fused first-layer pass)."""
     cdef:
         int l, k, n
         const floating* inp = x
     for l in range(net.n_layers):
         k = net.width[l]
         n = net.width[l + 1]
-        if _hand_loops(net, m, k, n):
+        if l == 0 and first_ready:
+            pass
+        elif _hand_loops(net, m, k, n):
             _small_forward(net, inp, m, k, n, <floating*>net.W[l], <floating*>net.Z[l])
         else:
             _matmul_nn(m, n, k, <floating>1, inp, k, 1, <floating*>net.W[l],
@@ -1418,12 +1560,42 @@ cdef double _net_iteration_split(Net* net, const floating* x, Py_ssize_t m,
     return total
 
 
+cdef bint FIRST_LAYER_FUSION = True
+
+
+def _set_first_layer_fusion(bint on):
+    """Turn the fused first-layer pass (``_first_layer_fusable``) on or off (for measuring
+    it and for testing both paths); returns the previous setting."""
+    global FIRST_LAYER_FUSION
+    old = FIRST_LAYER_FUSION
+    FIRST_LAYER_FUSION = on
+    return old
+
+
+cdef inline bint _first_layer_fusable(Net* net, const floating* typed, Py_ssize_t m,
+                                      Py_ssize_t m_next) noexcept nogil:
+    """Whether an m-row iteration followed by an m_next-row one may fuse the first layer's
+    backward with the next forward: both batches on the hand loops (whose passes step W0
+    row by row, so a row is final as soon as its pass is done) with the same row split of
+    W0, and wide rows (the narrow-row kernels keep their outputs in registers instead)."""
+    cdef int k = net.width[0], n = net.width[1]
+    if not FIRST_LAYER_FUSION or _narrow(<floating*>typed, n):
+        return False
+    return (_row_split_threads(net, m) == 0 and _row_split_threads(net, m_next) == 0
+            and _hand_loops(net, m, k, n) and _hand_loops(net, m_next, k, n))
+
+
 cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floating* t,
                            const int64_t* labels, int loss, OptSpec* opt, bint update,
-                           bint fold, double scale, int64_t* correct) noexcept nogil:
+                           bint fold, double scale, int64_t* correct, bint first_ready,
+                           const floating* x_next, Py_ssize_t m_next) noexcept nogil:
     """Forward, loss, backward (and the step when ``update``) for one batch of m rows.
 
-    Returns the summed loss; when it is not finite nothing is accumulated or updated."""
+    ``first_ready``: Z[0] already holds X @ W0. ``x_next`` (or NULL): the next batch, of
+    m_next rows, whose first-layer product the first layer's backward pass computes
+    (only where ``_first_layer_fusable``; see ``_first_layer_step_forward_rows``).
+    Returns the summed loss; when it is not finite nothing is accumulated or updated
+    (and the next batch's product is not computed)."""
     cdef:
         int L = net.n_layers, l, k, n, last = net.n_layers - 1
         double total
@@ -1434,7 +1606,7 @@ cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floa
     if nsplit > 0:
         return _net_iteration_split(net, x, m, t, labels, loss, opt, update, fold, scale,
                                     correct, nsplit)
-    _net_forward(net, x, m)
+    _net_forward(net, x, m, first_ready)
     total = _loss(<floating*>net.Z[last], <floating*>net.A[last], <floating*>t,
                   <int64_t*>labels, <floating*>net.G[last], m, net.width[L], loss, net.act[last])
     if correct != NULL:
@@ -1453,7 +1625,8 @@ cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floa
             _small_backward(net, inp, <floating*>net.G[l], m, k, n, <floating*>net.W[l],
                             <floating*>net.dW[l], <floating*>net.b[l], <floating*>net.db[l],
                             dx, a_prev, net.act[l - 1] if l > 0 else IDENTITY,
-                            opt, 2 * l, update, fold, scale)
+                            opt, 2 * l, update, fold, scale,
+                            x_next if l == 0 else NULL, m_next)
         else:
             _blas_backward(inp, <floating*>net.G[l], m, k, n, <floating*>net.W[l],
                            <floating*>net.dW[l], <floating*>net.b[l], <floating*>net.db[l],
@@ -1507,29 +1680,33 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
     samples] of the open accumulation group, carried across calls. Returns the index of
     an iteration whose loss was not finite (it stopped there), else -1."""
     cdef:
-        Py_ssize_t it, start, m
-        const floating* xb
-        const floating* tb
-        const int64_t* lb
-        bint update, fold
+        Py_ssize_t it, start, m, m_next = 0
+        Batch cur, nxt, spare
+        bint update, fold, fuse, first_ready = False
         double total
+        Batch bufs = Batch(<void*>xbuf, <void*>tbuf, lbuf)
+    # with the fused first-layer pass, batch it + 1 is gathered while batch it is still in
+    # use: the two take turns in the plan's buffers and the net's own small ones
+    spare = Batch(net.next_x, net.next_t, net.next_labels)
     for it in range(it0, it1):
         start = it * bs
         m = min(bs, n_samples - start)
-        xb = X + start * d
-        tb = T + start * kt if T != NULL else NULL
-        lb = labels + start if labels != NULL else NULL
-        if order != NULL:
-            _gather_batch(X, d, T, kt, labels, order + start, m, xbuf, tbuf, lbuf)
-            xb = xbuf
-            tb = tbuf if T != NULL else NULL
-            lb = lbuf if labels != NULL else NULL
+        if not first_ready:  # else the previous iteration fetched this batch into cur
+            cur = _fetch_batch(X, d, T, kt, labels, order, start, m, bufs)
+        fuse = False
+        if it + 1 < it1 and net.next_x != NULL:
+            m_next = min(bs, n_samples - start - bs)
+            fuse = m_next <= net.scratch_rows and _first_layer_fusable(net, X, m, m_next)
+            if fuse:
+                nxt = _fetch_batch(X, d, T, kt, labels, order, start + bs, m_next,
+                                   spare if cur.x == bufs.x else bufs)
         group[0] += 1
         group[1] += m
         update = group[0] == accumulate or it == n_iters - 1
         fold = fold_ok and update and group[0] == 1
-        total = _net_iteration(net, xb, m, tb, lb, loss, opt, update, fold,
-                               1.0 / group[1], &out_correct[it - it0])
+        total = _net_iteration(net, <floating*>cur.x, m, <floating*>cur.t, cur.labels, loss,
+                               opt, update, fold, 1.0 / group[1], &out_correct[it - it0],
+                               first_ready, <floating*>nxt.x if fuse else NULL, m_next)
         out_loss[it - it0] = total
         if isnan(total) or isinf(total):
             return it
@@ -1537,7 +1714,30 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
             group[0] = 0
             group[1] = 0
             steps[0] += 1
+        first_ready = fuse
+        if fuse:
+            cur = nxt
+            net.fused_iterations += 1
     return -1
+
+
+cdef Batch _fetch_batch(const floating* X, Py_ssize_t d, const floating* T, Py_ssize_t kt,
+                        const int64_t* labels, const int64_t* order, Py_ssize_t start,
+                        Py_ssize_t m, Batch buf) noexcept nogil:
+    """The batch of rows start..start+m of the epoch: gathered into ``buf`` when the
+    epoch is shuffled (``order``), else pointers into X, T and labels."""
+    cdef Batch b
+    if order != NULL:
+        _gather_batch(X, d, T, kt, labels, order + start, m, <floating*>buf.x,
+                      <floating*>buf.t, buf.labels)
+        b.x = buf.x
+        b.t = buf.t if T != NULL else NULL
+        b.labels = buf.labels if labels != NULL else NULL
+    else:
+        b.x = <void*>(X + start * d)
+        b.t = <void*>(T + start * kt) if T != NULL else NULL
+        b.labels = <int64_t*>(labels + start) if labels != NULL else NULL
+    return b
 
 
 cdef void* _data(arr):
@@ -1618,6 +1818,13 @@ cdef class NetworkPlan:
             self.net.n_params += Ws[l].shape[0] * Ws[l].shape[1]
             self.net.param_offset[2 * l + 1] = self.net.n_params
             self.net.n_params += Ws[l].shape[1]
+        self.net.next_x = calloc(self.net.scratch_rows * Ws[0].shape[0], 8 if self.is64 else 4)
+        self.net.next_t = calloc(self.net.scratch_rows * Ws[L - 1].shape[1],
+                                 8 if self.is64 else 4)
+        self.net.next_labels = <int64_t*>calloc(self.net.scratch_rows, sizeof(int64_t))
+        if (self.net.next_x == NULL or self.net.next_t == NULL
+                or self.net.next_labels == NULL):
+            raise MemoryError()
         self.net.split_scratch = NULL
         if self.net.n_params <= ROW_SPLIT_MAX_PARAMS:
             self.net.split_scratch = calloc(self.net.scratch_threads * self.net.n_params,
@@ -1642,6 +1849,9 @@ cdef class NetworkPlan:
         free(self.net.split_scratch)
         free(self.net.split_loss)
         free(self.net.split_correct)
+        free(self.net.next_x)
+        free(self.net.next_t)
+        free(self.net.next_labels)
         free(self.net.width)
         free(self.net.act)
         free(self.net.W)
@@ -1651,6 +1861,12 @@ cdef class NetworkPlan:
         free(self.net.Z)
         free(self.net.A)
         free(self.net.G)
+
+    @property
+    def fused_iterations(self):
+        """Iterations so far whose first-layer product was computed by the previous
+        iteration's backward pass (``_first_layer_step_forward_rows``)."""
+        return self.net.fused_iterations
 
     def iteration(self, X, T, labels, int loss):
         """Forward, loss and backward of one batch (the gradient sums grow, no update).
@@ -1702,7 +1918,7 @@ def _plan_iteration(NetworkPlan plan, const floating[:, ::1] X, const floating[:
         total = _net_iteration(&plan.net, &X[0, 0], m,
                                &T[0, 0] if T.shape[0] > 0 else NULL,
                                &labels[0] if labels.shape[0] > 0 else NULL,
-                               loss, &opt, False, False, 1.0, NULL)
+                               loss, &opt, False, False, 1.0, NULL, False, NULL, 0)
     return total
 
 
