@@ -1229,8 +1229,10 @@ cdef void _small_backward_narrow_rows(const floating* x, const floating* dz, Py_
                 nnf_snarrow_dots(w + i0 * n, n, i1 - i0, dz + r * n, dx + r * k + i0)
             else:
                 nnf_dnarrow_dots(w + i0 * n, n, i1 - i0, dz + r * n, dx + r * k + i0)
-            for i in range(i0, i1):
-                dx[r * k + i] = dx[r * k + i] * _activation_slope(a_prev[r * k + i], act_prev)
+            # the slopes as one vectorised pass (per element, a scalar call took more
+            # time than the dots: B/1, 128 rows of a 10-wide layer)
+            _scale_by_slope_rows(dx + r * k + i0, <floating*>a_prev + r * k + i0,
+                                 <int>(i1 - i0), act_prev, 0, 1)
     for i in range(i0, i1):
         wi = w + i * n
         for r in range(m):
