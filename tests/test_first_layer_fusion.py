@@ -153,3 +153,33 @@ def test_setting_returns_the_previous_one():
         assert _kernels._set_first_layer_fusion(True) is False
     finally:
         _kernels._set_first_layer_fusion(old)
+
+
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "cross_entropy_probs"])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_fusion_with_target_rows(threads, loss, shuffle):
+    # losses whose targets are rows of T: the next batch's targets are gathered into the
+    # plan's second buffer while the current batch's are in use
+    rng = np.random.default_rng(11)
+    X = rng.random((45, 203)).astype(np.float32)
+    if loss == "mse":
+        last, T, name = "identity", rng.standard_normal((45, 6)), "mse"
+    elif loss == "binary_cross_entropy":
+        last, T, name = "sigmoid", (rng.random((45, 6)) < 0.4), "binary_cross_entropy"
+    else:
+        last, name = "softmax", "cross_entropy"
+        T = rng.random((45, 6))
+        T /= T.sum(axis=1, keepdims=True)
+    T = T.astype(np.float32)
+    results = []
+    for on in (True, False):
+        m = make((203, 330, 6), np.float32, last=last)
+        with fusion(on):
+            h = m.fit(X, T, loss=name, optimizer=nf.SGD(lr=0.02), epochs=2, batch_size=1,
+                      shuffle=shuffle, seed=2)
+        results.append((m, h))
+    (m_on, h_on), (m_off, h_off) = results
+    assert m_on._workspace.plan.fused_iterations > 0
+    for a, b in zip(m_on.get_weights(), m_off.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert h_on.batch_losses == h_off.batch_losses
