@@ -17,14 +17,6 @@ import nnfast as nf
 from nnfast._compiled import kernels as _kernels
 
 
-@pytest.fixture(params=[1, 2], ids=["1t", "2t"])
-def threads(request):
-    before = nf.get_num_threads()
-    nf.set_num_threads(request.param)
-    yield request.param
-    nf.set_num_threads(before)
-
-
 def fusion(on):
     class _Setting:
         def __enter__(self):

@@ -20,14 +20,6 @@ GEMM_ONLY = (1, 1, 1)
 HAND_ONLY = (16, 16, 16)
 
 
-@pytest.fixture(params=[1, 2], ids=["1t", "2t"])
-def threads(request):
-    before = nf.get_num_threads()
-    nf.set_num_threads(request.param)
-    yield request.param
-    nf.set_num_threads(before)
-
-
 def with_limits(limits, fn):
     old = _kernels._set_small_batch_limits(*limits)
     try:
