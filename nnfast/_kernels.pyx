@@ -975,6 +975,15 @@ cdef struct Batch:
     int64_t* labels           # (rows,) class labels, or NULL
 
 
+cdef struct RowSource:
+    # a shuffled batch not gathered yet: rows[r] of X, T and labels go to row r of the
+    # batch buffers (the row split's threads gather their own rows, see _split_worker)
+    const void* X
+    const void* T             # or NULL
+    const int64_t* labels     # or NULL
+    const int64_t* rows
+
+
 cdef void _begin_step(OptSpec* opt) noexcept nogil:
     opt.step += 1
     if opt.kind == OPT_ADAM:
@@ -1478,14 +1487,17 @@ cdef void _split_back_rows(Net* net, int l, Py_ssize_t r0, Py_ssize_t r1,
 
 cdef void _split_worker(Net* net, const floating* x, Py_ssize_t m, const floating* t,
                         const int64_t* labels, int loss, OptSpec* opt, bint update,
-                        bint fold, double scale, bint count) noexcept nogil:
+                        bint fold, double scale, bint count,
+                        const RowSource* src) noexcept nogil:
     """One thread's part of ``_net_iteration_split`` (run by every thread of the team).
 
     Rows are split for what is row by row (forward, loss, the gradients w.r.t. the
     layer outputs); parameters are split for what sums over rows (dW, db, the step).
     Barriers order the two: after the forward and the last layer's backward rows (all
     losses known, G[last] and G[last-1] complete), and after each lower layer's backward
-    rows (so no thread still reads W[l] when its rows are stepped)."""
+    rows (so no thread still reads W[l] when its rows are stepped). With ``src`` each
+    thread first gathers its block of rows into x, t and labels (the batch buffers):
+    only it reads them before the first barrier."""
     cdef:
         int tid = nnf_thread_num(), team = nnf_team_size(), i
         int L = net.n_layers, last = net.n_layers - 1, l, k, n, n_out = net.width[L]
@@ -1495,6 +1507,10 @@ cdef void _split_worker(Net* net, const floating* x, Py_ssize_t m, const floatin
         const floating* inp = x
         floating* scratch = <floating*>net.split_scratch + tid * net.n_params
     if r1 > r0:  # (split_loss and split_correct were zeroed by the caller)
+        if src != NULL:
+            _gather_rows_range(<floating*>src.X, net.width[0], <floating*>src.T, n_out,
+                               src.labels, src.rows, <floating*>x, <floating*>t,
+                               <int64_t*>labels, r0, r1)
         for l in range(L):
             k = net.width[l]
             n = net.width[l + 1]
@@ -1529,7 +1545,8 @@ cdef void _split_worker(Net* net, const floating* x, Py_ssize_t m, const floatin
 cdef double _net_iteration_split(Net* net, const floating* x, Py_ssize_t m,
                                  const floating* t, const int64_t* labels, int loss,
                                  OptSpec* opt, bint update, bint fold, double scale,
-                                 int64_t* correct, int nsplit) noexcept nogil:
+                                 int64_t* correct, int nsplit,
+                                 const RowSource* src) noexcept nogil:
     """``_net_iteration`` for small networks: every product of such a network is too
     small for gemm's packing to pay or to split across threads, so one parallel region
     runs the whole iteration (``_split_worker``): each thread takes a block of the batch's
@@ -1547,11 +1564,12 @@ cdef double _net_iteration_split(Net* net, const floating* x, Py_ssize_t m,
     if update:
         _begin_step(opt)  # undone below when the loss is not finite
     if nsplit == 1:
-        _split_worker(net, x, m, t, labels, loss, opt, update, fold, scale, correct != NULL)
+        _split_worker(net, x, m, t, labels, loss, opt, update, fold, scale, correct != NULL,
+                      src)
     else:
         with parallel(num_threads=nsplit):
             _split_worker(net, x, m, t, labels, loss, opt, update, fold, scale,
-                          correct != NULL)
+                          correct != NULL, src)
     for i in range(nsplit):
         total += net.split_loss[i]
         right += net.split_correct[i]
@@ -1590,12 +1608,15 @@ cdef inline bint _first_layer_fusable(Net* net, const floating* typed, Py_ssize_
 cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floating* t,
                            const int64_t* labels, int loss, OptSpec* opt, bint update,
                            bint fold, double scale, int64_t* correct, bint first_ready,
-                           const floating* x_next, Py_ssize_t m_next) noexcept nogil:
+                           const floating* x_next, Py_ssize_t m_next,
+                           const RowSource* src) noexcept nogil:
     """Forward, loss, backward (and the step when ``update``) for one batch of m rows.
 
     ``first_ready``: Z[0] already holds X @ W0. ``x_next`` (or NULL): the next batch, of
     m_next rows, whose first-layer product the first layer's backward pass computes
     (only where ``_first_layer_fusable``; see ``_first_layer_step_forward_rows``).
+    ``src`` (or NULL): where the batch's rows are still to be gathered from, into x, t
+    and labels (by the row split's threads, or here first).
     Returns the summed loss; when it is not finite nothing is accumulated or updated
     (and the next batch's product is not computed)."""
     cdef:
@@ -1607,7 +1628,10 @@ cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floa
         int nsplit = _row_split_threads(net, m)
     if nsplit > 0:
         return _net_iteration_split(net, x, m, t, labels, loss, opt, update, fold, scale,
-                                    correct, nsplit)
+                                    correct, nsplit, src)
+    if src != NULL:
+        _gather_batch(<floating*>src.X, net.width[0], <floating*>src.T, net.width[L],
+                      src.labels, src.rows, m, <floating*>x, <floating*>t, <int64_t*>labels)
     _net_forward(net, x, m, first_ready)
     total = _loss(<floating*>net.Z[last], <floating*>net.A[last], <floating*>t,
                   <int64_t*>labels, <floating*>net.G[last], m, net.width[L], loss, net.act[last])
@@ -1684,7 +1708,8 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
     cdef:
         Py_ssize_t it, start, m, m_next = 0
         Batch cur, nxt, spare
-        bint update, fold, fuse, first_ready = False
+        RowSource src
+        bint update, fold, fuse, first_ready = False, deferred
         double total
         Batch bufs = Batch(<void*>xbuf, <void*>tbuf, lbuf)
     # with the fused first-layer pass, batch it + 1 is gathered while batch it is still in
@@ -1693,8 +1718,16 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
     for it in range(it0, it1):
         start = it * bs
         m = min(bs, n_samples - start)
+        deferred = False
         if not first_ready:  # else the previous iteration fetched this batch into cur
-            cur = _fetch_batch(X, d, T, kt, labels, order, start, m, bufs)
+            deferred = order != NULL and _row_split_threads(net, m) > 1
+            if deferred:  # each thread of the row split gathers its own rows
+                src = RowSource(X, T, labels, order + start)
+                cur.x = bufs.x
+                cur.t = bufs.t if T != NULL else <void*>NULL
+                cur.labels = bufs.labels if labels != NULL else <int64_t*>NULL
+            else:
+                cur = _fetch_batch(X, d, T, kt, labels, order, start, m, bufs)
         fuse = False
         if it + 1 < it1 and net.next_x != NULL:
             m_next = min(bs, n_samples - start - bs)
@@ -1708,7 +1741,8 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
         fold = fold_ok and update and group[0] == 1
         total = _net_iteration(net, <floating*>cur.x, m, <floating*>cur.t, cur.labels, loss,
                                opt, update, fold, 1.0 / group[1], &out_correct[it - it0],
-                               first_ready, <floating*>nxt.x if fuse else NULL, m_next)
+                               first_ready, <floating*>nxt.x if fuse else NULL, m_next,
+                               &src if deferred else NULL)
         out_loss[it - it0] = total
         if isnan(total) or isinf(total):
             return it
@@ -1920,7 +1954,7 @@ def _plan_iteration(NetworkPlan plan, const floating[:, ::1] X, const floating[:
         total = _net_iteration(&plan.net, &X[0, 0], m,
                                &T[0, 0] if T.shape[0] > 0 else NULL,
                                &labels[0] if labels.shape[0] > 0 else NULL,
-                               loss, &opt, False, False, 1.0, NULL, False, NULL, 0)
+                               loss, &opt, False, False, 1.0, NULL, False, NULL, 0, NULL)
     return total
 
 
