@@ -1761,9 +1761,18 @@ cdef Batch _fetch_batch(const floating* X, Py_ssize_t d, const floating* T, Py_s
                         const int64_t* labels, const int64_t* order, Py_ssize_t start,
                         Py_ssize_t m, Batch buf) noexcept nogil:
     """The batch of rows start..start+m of the epoch: gathered into ``buf`` when the
-    epoch is shuffled (``order``), else pointers into X, T and labels."""
-    cdef Batch b
-    if order != NULL:
+    epoch is shuffled (``order``), else pointers into X, T and labels. A single row is
+    contiguous where it lies, so it is never copied (at batch 1 the copy, and the other
+    thread reading it from this core's cache, cost more than the kernels' reads of X)."""
+    cdef:
+        Batch b
+        Py_ssize_t row
+    if order != NULL and m == 1:
+        row = order[start]
+        b.x = <void*>(X + row * d)
+        b.t = <void*>(T + row * kt) if T != NULL else NULL
+        b.labels = <int64_t*>(labels + row) if labels != NULL else NULL
+    elif order != NULL:
         _gather_batch(X, d, T, kt, labels, order + start, m, <floating*>buf.x,
                       <floating*>buf.t, buf.labels)
         b.x = buf.x
