@@ -35,6 +35,16 @@ smallest count that lasts at least ``--min-time``. Throughput is samples/s =
 ``n * epochs / seconds``; the report gives the median over ``--rounds`` rounds (the
 per-round values, ``n`` and ``epochs`` are in the JSON).
 
+Steady rounds
+-------------
+This project's 2-core VM has slow spells: for seconds at a time, at random, a 2-thread
+gemm drops from ~210 to ~171 GFLOP/s and a 2-thread A/32 epoch from 125K to 69K
+samples/s (1-thread runs suffer less). So every measurement is bracketed by a small
+threaded gemm probe (1024^3, best of 2); a round is *steady* when all its measurements
+had both probes at >= 90 % of the best probe of the run, and a case's medians are taken
+over its steady rounds (over all rounds when none was steady). The table says how many
+rounds were steady; the JSON keeps every round, its probes and the all-rounds medians.
+
 sgemm bound
 -----------
 The machine's GEMM peak is measured with NumPy (``C = A @ B`` on ``--gemm-size``-square
@@ -396,6 +406,15 @@ class Timing:
     calib_time: float
     rounds: int
     settle: float = 0.15
+    probe: object = None  # () -> GFLOP/s of a small threaded gemm, or None (see _run_case)
+
+
+# A measurement counts as taken on a steady machine when the gemm probes right before and
+# after it both reached this fraction of the best probe of the whole run. On the
+# project's 2-core VM the probe has two levels, ~210 and ~171 GFLOP/s, and a 2-thread
+# A/32 epoch ran 125K samples/s at the first and 69K at the second (the slow spells last
+# seconds and come at random, so they hit some contenders of a round and not others).
+STEADY_FRACTION = 0.9
 
 
 def _timed(fn, *args):
@@ -475,21 +494,28 @@ def _run_case(w, b, sizes, N, X, y, contenders, timing, predict, log):
                 log(f"  {w}/{b} {mode:7s} {c.name:10s} ~{p.calibration_rate:,.0f} samples/s "
                     f"-> n={p.n} x {p.reps}")
         k = len(contenders)
+        probes = {mode: {c.name: [] for c in contenders} for mode in modes}
         time.sleep(timing.settle)
+        last_probe = _probe(timing)
         for r in range(timing.rounds):
             order = contenders[r % k:] + contenders[:r % k] if k else []
             for c in order:
-                c.activate()
                 for mode in modes:
+                    c.activate()
                     p = plans[mode][c.name]
                     run = c.train if mode == "train" else c.predict
                     t = _timed(run, p.n, p.reps)
                     rows[mode][c.name].append(p.n * p.reps / t)
-                # let the idle BLAS/OpenMP workers of this contender stop spinning (OpenBLAS
-                # spins ~0.1 s after its last call) before the next one is timed
-                time.sleep(timing.settle)
+                    # let the idle BLAS/OpenMP workers of this contender stop spinning
+                    # (OpenBLAS spins ~0.1 s after its last call) before the probe, and
+                    # those of the probe before the next measurement
+                    time.sleep(timing.settle)
+                    after = _probe(timing)
+                    probes[mode][c.name].append([last_probe, after])
+                    last_probe = after
             log(f"  {w}/{b} round {r + 1}/{timing.rounds}: " + ", ".join(
-                f"{name} {vals[-1]:,.0f}" for name, vals in rows["train"].items()))
+                f"{name} {vals[-1]:,.0f}" for name, vals in rows["train"].items())
+                + (f" (probe {last_probe:.0f} GFLOP/s)" if last_probe is not None else ""))
     finally:
         for c in contenders:
             c.teardown()
@@ -498,11 +524,44 @@ def _run_case(w, b, sizes, N, X, y, contenders, timing, predict, log):
     for mode in modes:
         case[mode] = {
             name: {"samples_per_s": median(vals), "rounds": vals,
+                   "probes_gflops": probes[mode][name],
                    "n": plans[mode][name].n, "reps": plans[mode][name].reps,
                    "threads": next(c.threads for c in contenders if c.name == name),
                    "kind": next(c.kind for c in contenders if c.name == name)}
             for name, vals in rows[mode].items()}
     return case
+
+
+def _probe(timing):
+    return timing.probe() if timing.probe is not None else None
+
+
+def steady_rounds(results):
+    """Keep, per case, the rounds in which every contender was measured on a steady
+    machine (both probes >= STEADY_FRACTION of the run's best probe): ``samples_per_s``
+    becomes the median of those rounds (of all rounds, and ``steady_rounds`` 0, when no
+    round qualifies). The medians of all rounds stay as ``samples_per_s_all_rounds``.
+    Returns the best probe (None when nothing was probed)."""
+    best = max((v for case in results for mode in ("train", "predict") if mode in case
+                for e in case[mode].values() for pair in e.get("probes_gflops", [])
+                for v in pair if v is not None), default=None)
+    if best is None:
+        return None
+    for case in results:
+        for mode in ("train", "predict"):
+            if mode not in case:
+                continue
+            res = case[mode]
+            n_rounds = min(len(e["rounds"]) for e in res.values())
+            steady = [r for r in range(n_rounds)
+                      if all(min(e["probes_gflops"][r]) >= STEADY_FRACTION * best
+                             for e in res.values())]
+            for e in res.values():
+                e["samples_per_s_all_rounds"] = median(e["rounds"])
+                if steady:
+                    e["samples_per_s"] = median([e["rounds"][r] for r in steady])
+            case[mode + "_steady_rounds"] = len(steady)
+    return best
 
 
 def add_ratios(results, peak_gflops):
@@ -542,7 +601,7 @@ def _fmt_rate(v):
 def format_table(results, names, mode="train", threads=None) -> str:
     label = {n: (f"nnfast {threads}t" if n == "nnfast" and threads else n) for n in names}
     header = (["workload", "batch", "N"] + [label[n] for n in names]
-              + ["best other", "ratio", "gemm bound", "% bound"])
+              + ["best other", "ratio", "gemm bound", "% bound", "steady"])
     rows = []
     for case in results:
         if mode not in case:
@@ -554,10 +613,12 @@ def format_table(results, names, mode="train", threads=None) -> str:
                 f"{s['ratio']:.2f}x" if s["ratio"] is not None else "-",
                 _fmt_rate(s["gemm_bound"]),
                 f"{s['pct_of_bound']:.0f}%" if s["pct_of_bound"] is not None else "-"]
+        n_rounds = min(len(e["rounds"]) for e in res.values())
+        row.append(f"{case.get(mode + '_steady_rounds', n_rounds)}/{n_rounds}")
         rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(header)]
-    left = {0, len(header) - 4}
+    left = {0, len(header) - 5}
     def line(cells):
         return "  ".join(c.ljust(wd) if i in left else c.rjust(wd)
                          for i, (c, wd) in enumerate(zip(cells, widths)))
@@ -715,6 +776,7 @@ def main(argv=None) -> int:
     if not (0 < min_time <= max_time):
         parser.error("need 0 < --min-time <= --max-time")
     gemm_size = args.gemm_size or (512 if args.quick else 2048)
+    probe_size = 256 if args.quick else 1024
     timing = Timing(min_time=min_time, max_time=max_time,
                     calib_time=min(0.05, min_time / 2), rounds=rounds,
                     settle=0.01 if args.quick else 0.15)
@@ -734,6 +796,8 @@ def main(argv=None) -> int:
         names = [c.name for c in contenders]
         info = machine_info(torch_mod, torch_error)
         dtype = args.dtype
+        timing.probe = lambda: gemm_peak(np.dtype(dtype), probe_size, repeats=2,
+                                         threads=threads)
         peak = gemm_peak(np.dtype(dtype), gemm_size, repeats=3 if args.quick else 5,
                          threads=threads)
         print(format_machine(info, threads), flush=True)
@@ -752,6 +816,7 @@ def main(argv=None) -> int:
         peak = max(peaks)
         log(f"gemm peak at start {peaks[0]:.1f}, at end {peaks[1]:.1f} GFLOP/s; using "
             f"{peak:.1f}")
+        best_probe = steady_rounds(results)
         add_ratios(results, peak)
     finally:
         nf.set_num_threads(saved_threads)
@@ -762,6 +827,11 @@ def main(argv=None) -> int:
     print(f"{gemm} peak ({gemm_size}^3 in NumPy, {threads} threads, best of "
           f"{3 if args.quick else 5}, measured before and after the cases): "
           f"{peak:.1f} GFLOP/s (before {peaks[0]:.1f}, after {peaks[1]:.1f})")
+    print()
+    print(f"steady rounds: those whose measurements all had a {probe_size}^3 {gemm} probe "
+          f"before and after of >= {STEADY_FRACTION:.0%} of the best probe "
+          f"({best_probe or 0:.1f} GFLOP/s); the medians are over the steady rounds "
+          f"(over all rounds where none was steady)")
     print()
     print(f"training throughput, samples/s ({dtype}, softmax CE, SGD lr {LR}, median of "
           f"{rounds} round(s)); ratio = nnfast / best other")
@@ -786,6 +856,8 @@ def main(argv=None) -> int:
         },
         "gemm_peak_gflops": peak,
         "gemm_peak_gflops_before_after": peaks,
+        "probe": {"size": probe_size, "best_gflops": best_probe,
+                  "steady_fraction": STEADY_FRACTION},
         "import_time": imports,
         "cases": results,
     }

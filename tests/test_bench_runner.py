@@ -76,3 +76,48 @@ def test_predict_and_plot(tmp_path):
     assert set(case["predict"]) == {"nnfast", "numpy-1t"}
     assert case["predict_summary"]["ratio"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _case(rounds_by_name, probes_by_name):
+    return {"workload": "B", "batch": 32, "N": 64, "sizes": [64, 128, 10],
+            "train": {n: {"samples_per_s": bench.median(v), "rounds": v,
+                          "probes_gflops": probes_by_name[n], "kind": n.split("-")[0]}
+                      for n, v in rounds_by_name.items()}}
+
+
+def test_steady_rounds_drop_rounds_with_a_slow_probe():
+    # round 1 of numpy-1t had a slow probe (150 < 0.9 * 200): the whole round goes,
+    # for every contender, so that the ratio compares like with like
+    case = _case({"nnfast": [100.0, 50.0, 110.0], "numpy-1t": [10.0, 9.0, 30.0]},
+                 {"nnfast": [[200, 199], [198, 200], [200, 200]],
+                  "numpy-1t": [[199, 200], [150, 198], [200, 197]]})
+    best = bench.steady_rounds([case])
+    assert best == 200
+    assert case["train_steady_rounds"] == 2
+    assert case["train"]["nnfast"]["samples_per_s"] == 105.0        # rounds 0 and 2
+    assert case["train"]["numpy-1t"]["samples_per_s"] == 20.0
+    assert case["train"]["nnfast"]["samples_per_s_all_rounds"] == 100.0
+    bench.add_ratios([case], 100.0)
+    assert case["train_summary"]["ratio"] == 105.0 / 20.0
+
+
+def test_steady_rounds_keep_all_rounds_when_none_is_steady():
+    case = _case({"nnfast": [100.0, 50.0]}, {"nnfast": [[150, 200], [200, 120]]})
+    bench.steady_rounds([case])
+    assert case["train_steady_rounds"] == 0
+    assert case["train"]["nnfast"]["samples_per_s"] == 75.0
+    bench.add_ratios([case], 100.0)
+    table = bench.format_table([case], ["nnfast"])
+    assert "steady" in table.splitlines()[0] and "0/2" in table.splitlines()[2]
+
+
+def test_quick_run_reports_probes(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--cases", "B/32", "--contenders", "nnfast",
+                       "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["probe"]["best_gflops"] > 0
+    (entry,) = report["cases"][0]["train"].values()
+    assert len(entry["probes_gflops"]) == len(entry["rounds"]) == 1
+    assert all(v > 0 for v in entry["probes_gflops"][0])
+    assert 0 <= report["cases"][0]["train_steady_rounds"] <= 1
