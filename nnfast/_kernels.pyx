@@ -1704,7 +1704,12 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
     """Iterations it0..it1-1 of an epoch: gather (when ``order``), iterate, step every
     ``accumulate`` iterations and at the epoch's end. ``group`` = [micro-batches,
     samples] of the open accumulation group, carried across calls. Returns the index of
-    an iteration whose loss was not finite (it stopped there), else -1."""
+    an iteration whose loss was not finite (it stopped there), else -1.
+
+    Where ``_first_layer_fusable``, batch it + 1 is fetched before batch it runs, and
+    batch it's first-layer backward computes batch it + 1's first product
+    (``first_ready`` for the next iteration); within one call only, so the workspace
+    holds the last batch's values when the call returns."""
     cdef:
         Py_ssize_t it, start, m, m_next = 0
         Batch cur, nxt, spare
