@@ -614,7 +614,8 @@ def format_table(results, names, mode="train", threads=None) -> str:
                 _fmt_rate(s["gemm_bound"]),
                 f"{s['pct_of_bound']:.0f}%" if s["pct_of_bound"] is not None else "-"]
         n_rounds = min(len(e["rounds"]) for e in res.values())
-        row.append(f"{case.get(mode + '_steady_rounds', n_rounds)}/{n_rounds}")
+        steady = case.get(mode + "_steady_rounds")  # absent when nothing was probed
+        row.append("-" if steady is None else f"{steady}/{n_rounds}")
         rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(header)]

@@ -121,3 +121,10 @@ def test_quick_run_reports_probes(tmp_path):
     assert len(entry["probes_gflops"]) == len(entry["rounds"]) == 1
     assert all(v > 0 for v in entry["probes_gflops"][0])
     assert 0 <= report["cases"][0]["train_steady_rounds"] <= 1
+
+
+def test_unprobed_cases_show_no_steady_count():
+    case = _case({"nnfast": [100.0]}, {"nnfast": [[None, None]]})
+    assert bench.steady_rounds([case]) is None and "train_steady_rounds" not in case
+    bench.add_ratios([case], 100.0)
+    assert bench.format_table([case], ["nnfast"]).splitlines()[2].split()[-1] == "-"
