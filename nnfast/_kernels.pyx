@@ -1058,19 +1058,14 @@ cdef inline void _forward_rows4(const floating* x, Py_ssize_t m, int k, int n,
     non-zero (``nnf_*forward4``); zero inputs are skipped as there."""
     cdef:
         Py_ssize_t r, q
-        floating xv[4]
         const floating* xr
     for r in range(m):
-        xr = x + r * k + i
+        xr = x + r * k + i  # the four inputs X[r, i..i+3], contiguous
         if xr[0] != 0 and xr[1] != 0 and xr[2] != 0 and xr[3] != 0:
-            xv[0] = xr[0]
-            xv[1] = xr[1]
-            xv[2] = xr[2]
-            xv[3] = xr[3]
             if floating is float:
-                nnf_sforward4(w + i * n, n, xv, z + r * n)
+                nnf_sforward4(w + i * n, n, xr, z + r * n)
             else:
-                nnf_dforward4(w + i * n, n, xv, z + r * n)
+                nnf_dforward4(w + i * n, n, xr, z + r * n)
             continue
         for q in range(4):
             if xr[q] != 0:
@@ -1193,23 +1188,22 @@ cdef void _first_layer_step_forward_rows(const floating* x, const floating* dz,
         Py_ssize_t i = i0, r
         floating neg = <floating>(-opt.lr * scale) if fold else 0
         floating a[4]
-        floating b[4]
         bint dense
     memset(z_next, 0, m_next * n * sizeof(floating))
     while i + 4 <= i1:
         # batch 1, plain SGD, no zero input: step and forward in one pass over the rows
+        # (the next inputs X_next[0, i..i+3] are contiguous and go to the kernel as they lie)
         dense = fold and m == 1 and m_next == 1
         r = 0
         while dense and r < 4:
             a[r] = neg * x[i + r]
-            b[r] = x_next[i + r]
-            dense = x[i + r] != 0 and b[r] != 0
+            dense = x[i + r] != 0 and x_next[i + r] != 0
             r += 1
         if dense:
             if floating is float:
-                nnf_sstep_forward4(w + i * n, n, dz, a, b, z_next)
+                nnf_sstep_forward4(w + i * n, n, dz, a, x_next + i, z_next)
             else:
-                nnf_dstep_forward4(w + i * n, n, dz, a, b, z_next)
+                nnf_dstep_forward4(w + i * n, n, dz, a, x_next + i, z_next)
         else:  # four rows stepped, then read (still in L1) by the forward
             for r in range(4):
                 _gradient_row(x, dz, m, k, n, w, dw, opt, 0, update, fold, scale, neg, i + r)
