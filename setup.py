@@ -103,7 +103,7 @@ def _kernels_extension(name, extra_args=()):
         [f"nnfast/{name}.pyx"],
         # the C helpers and the shared kernel source: edits to them rebuild both modules
         depends=["nnfast/_kernels.pyx", "nnfast/_simd.h", "nnfast/_smallgemm.h",
-                 "nnfast/_omp_shim.h"],
+                 "nnfast/_omp_shim.h", "nnfast/_hugealloc.h"],
         include_dirs=[numpy.get_include()],
         extra_compile_args=compile_args + list(extra_args),
         extra_link_args=link_args,

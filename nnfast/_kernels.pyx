@@ -30,6 +30,10 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 import numpy as np
 
+cdef extern from "_hugealloc.h":
+    void* nnf_alloc_huge(size_t nbytes) noexcept nogil
+    void nnf_free_huge(void* p) noexcept nogil
+
 cdef extern from "_omp_shim.h":
     int nnf_openmp_enabled() noexcept nogil
     int nnf_omp_max_threads() noexcept nogil
@@ -57,11 +61,12 @@ cdef extern from "_simd.h":
     double nnf_ddot(const double* a, const double* b, long n) noexcept nogil
     void nnf_saxpy(float* y, float alpha, const float* x, long n) noexcept nogil
     void nnf_daxpy(double* y, double alpha, const double* x, long n) noexcept nogil
-    void nnf_sforward4(const float* w, long n, const float* b, float* z) noexcept nogil
-    void nnf_dforward4(const double* w, long n, const double* b, double* z) noexcept nogil
-    void nnf_sstep_forward4(float* w, long n, const float* dz, const float* a,
+    void nnf_sforward4(const float* w, long ld, long n, const float* b, float* z) noexcept nogil
+    void nnf_dforward4(const double* w, long ld, long n, const double* b,
+                       double* z) noexcept nogil
+    void nnf_sstep_forward4(float* w, long ld, long n, const float* dz, const float* a,
                             const float* b, float* z) noexcept nogil
-    void nnf_dstep_forward4(double* w, long n, const double* dz, const double* a,
+    void nnf_dstep_forward4(double* w, long ld, long n, const double* dz, const double* a,
                             const double* b, double* z) noexcept nogil
     int nnf_snarrow(long n) noexcept nogil
     int nnf_dnarrow(long n) noexcept nogil
@@ -967,6 +972,17 @@ cdef struct Net:
     void* next_t              # current one, gathered while the current one is in use
     int64_t* next_labels      # (the fused first-layer pass, see _net_run)
     int64_t fused_iterations  # iterations whose first-layer product came from that pass
+    # the unit split (_unit_split_run; NULL where the net does not qualify): per thread,
+    # pointers W, b, Z, A, G for every layer (thread 0: the net's own arrays, threads 1..:
+    # private copies of the tail), their storage, and layer 1's partial outputs
+    void** unit_view          # scratch_threads * 5 * n_layers
+    void* unit_mem
+    void* unit_blocks             # the team's private blocks (_unit_block), then the partials
+    void* unit_blocks_mem
+    int unit_blocks_team          # the team size unit_blocks is laid out for (0: none yet)
+    int* unit_stop            # per thread: its loss was not finite (2 * scratch_threads:
+                              # samples of even and odd index, see _unit_split_worker)
+    int64_t unit_iterations   # iterations trained by the unit split
 
 
 cdef struct Batch:
@@ -1063,9 +1079,9 @@ cdef inline void _forward_rows4(const floating* x, Py_ssize_t m, int k, int n,
         xr = x + r * k + i  # the four inputs X[r, i..i+3], contiguous
         if xr[0] != 0 and xr[1] != 0 and xr[2] != 0 and xr[3] != 0:
             if floating is float:
-                nnf_sforward4(w + i * n, n, xr, z + r * n)
+                nnf_sforward4(w + i * n, n, n, xr, z + r * n)
             else:
-                nnf_dforward4(w + i * n, n, xr, z + r * n)
+                nnf_dforward4(w + i * n, n, n, xr, z + r * n)
             continue
         for q in range(4):
             if xr[q] != 0:
@@ -1201,9 +1217,9 @@ cdef void _first_layer_step_forward_rows(const floating* x, const floating* dz,
             r += 1
         if dense:
             if floating is float:
-                nnf_sstep_forward4(w + i * n, n, dz, a, x_next + i, z_next)
+                nnf_sstep_forward4(w + i * n, n, n, dz, a, x_next + i, z_next)
             else:
-                nnf_dstep_forward4(w + i * n, n, dz, a, x_next + i, z_next)
+                nnf_dstep_forward4(w + i * n, n, n, dz, a, x_next + i, z_next)
         else:  # four rows stepped, then read (still in L1) by the forward
             for r in range(4):
                 _gradient_row(x, dz, m, k, n, w, dw, opt, 0, update, fold, scale, neg, i + r)
@@ -1700,7 +1716,9 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
     samples] of the open accumulation group, carried across calls. Returns the index of
     an iteration whose loss was not finite (it stopped there), else -1.
 
-    Where ``_first_layer_fusable``, batch it + 1 is fetched before batch it runs, and
+    Batch 1 with plain SGD on several threads runs as one parallel region instead
+    (``_unit_split_threads``, ``_unit_split_run``). Elsewhere, where
+    ``_first_layer_fusable``, batch it + 1 is fetched before batch it runs, and
     batch it's first-layer backward computes batch it + 1's first product
     (``first_ready`` for the next iteration); within one call only, so the workspace
     holds the last batch's values when the call returns."""
@@ -1711,6 +1729,11 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
         bint update, fold, fuse, first_ready = False, deferred
         double total
         Batch bufs = Batch(<void*>xbuf, <void*>tbuf, lbuf)
+        int team
+    team = _unit_split_threads(net, bs, accumulate, fold_ok, group)
+    if team > 0 and it1 - it0 >= UNIT_SPLIT_MIN_ITERATIONS and _unit_blocks_room(net, X, team) == 0:
+        return _unit_split_run(net, X, d, T, kt, labels, order, it0, it1, loss, opt,
+                               out_loss, out_correct, steps, team)
     # with the fused first-layer pass, batch it + 1 is gathered while batch it is still in
     # use: the two take turns in the plan's buffers and the net's own small ones
     spare = Batch(net.next_x, net.next_t, net.next_labels)
@@ -1782,6 +1805,448 @@ cdef Batch _fetch_batch(const floating* X, Py_ssize_t d, const floating* T, Py_s
         b.t = <void*>(T + start * kt) if T != NULL else NULL
         b.labels = <int64_t*>(labels + start) if labels != NULL else NULL
     return b
+
+
+# The unit split: batch 1 with plain SGD on several threads, the whole run in one
+# parallel region with one barrier per sample. Thread t owns a block U_t of the first
+# hidden layer's units: columns U_t of W0 and b0 and rows U_t of W1. Its forward
+# (z0[U_t], a0[U_t], a0[U_t] @ W1[U_t] as a partial of z1), its backward below z1
+# (dX of layer 1 on its rows, which is d a0[U_t], and the steps of its rows of W1 and
+# columns of W0) and the next sample's first product (fused with the W0 step, as in
+# _first_layer_step_forward_rows) need nothing from another thread. Only z1 is shared:
+# after the barrier every thread sums the partials (in thread order) and runs the rest
+# of the network, the "tail" (b1 and the layers above), on its own copy of the tail's
+# parameters, with identical inputs, operations and alignment, so every copy takes the
+# same values; thread 0's copy is the model's own arrays. The row-split hand loops need
+# three fork/joins per sample and leave the tail to one thread while the others wait
+# (A/1 on 2 threads: libgomp spin-waits 14 % of the samples).
+cdef bint UNIT_SPLIT = True
+# fewest first-layer units a thread gets, and the largest tail (parameters replicated
+# on every thread: the tail is not split, every thread computes all of it)
+cdef Py_ssize_t UNIT_SPLIT_MIN_UNITS = 16
+cdef Py_ssize_t UNIT_SPLIT_MAX_TAIL = 16384
+# smallest layers 0 and 1 (weights) worth the region on several threads
+cdef Py_ssize_t UNIT_SPLIT_MIN_PARAMS = 0
+# fewest iterations in a run (each run copies W0 into the threads' blocks and back)
+cdef Py_ssize_t UNIT_SPLIT_MIN_ITERATIONS = 64
+
+
+def _set_unit_split(bint on, Py_ssize_t min_params=-1):
+    """Turn the unit split (``_unit_split_run``) on or off, and optionally set the
+    smallest first two layers (in weights) that take it; for measuring it and for
+    testing both paths. Returns the previous (on, min_params)."""
+    global UNIT_SPLIT, UNIT_SPLIT_MIN_PARAMS
+    old = (UNIT_SPLIT, UNIT_SPLIT_MIN_PARAMS)
+    UNIT_SPLIT = on
+    if min_params >= 0:
+        UNIT_SPLIT_MIN_PARAMS = min_params
+    return old
+
+
+cdef inline Py_ssize_t _unit_tail_params(Net* net) noexcept nogil:
+    """Parameters of the tail: b1 and every layer above layer 1."""
+    cdef:
+        Py_ssize_t total = net.width[2]
+        int l
+    for l in range(2, net.n_layers):
+        total += <Py_ssize_t>net.width[l] * net.width[l + 1] + net.width[l + 1]
+    return total
+
+
+cdef inline int _unit_split_threads(Net* net, Py_ssize_t bs, int accumulate, bint fold_ok,
+                                    const int64_t* group) noexcept nogil:
+    """Threads for a unit-split run, or 0 when the run does not take it: batch 1 and
+    plain SGD stepping every sample (the steps of different threads' blocks then need no
+    ordering), at least two threads with UNIT_SPLIT_MIN_UNITS units each."""
+    cdef int t = min(_num_threads, net.scratch_threads)
+    if (not UNIT_SPLIT or net.unit_view == NULL or bs != 1 or accumulate != 1
+            or not fold_ok or group[0] != 0 or t < 2):
+        return 0
+    if (<double>net.width[0] * net.width[1] + <double>net.width[1] * net.width[2]
+            < UNIT_SPLIT_MIN_PARAMS):
+        return 0
+    t = min(t, <int>(net.width[1] // UNIT_SPLIT_MIN_UNITS))
+    return t if t >= 2 else 0
+
+
+cdef inline Py_ssize_t _unit_bound(Net* net, const floating* typed, int t,
+                                   int team) noexcept nogil:
+    """First unit of thread t's block (t == team: the end), on a 64-byte boundary of a
+    row: the same for every model of these widths, so the sums (and the results) do not
+    depend on where the arrays lie."""
+    cdef Py_ssize_t n1 = net.width[1], q = 64 // sizeof(floating)
+    if t <= 0:
+        return 0
+    if t >= team:
+        return n1
+    return min(n1, ((n1 * t) // team + q // 2) // q * q)
+
+
+cdef inline Py_ssize_t _unit_ld(Net* net, const floating* typed, int t,
+                                int team) noexcept nogil:
+    """Row length of thread t's private block of W0: its units, rounded up to a
+    64-byte line."""
+    cdef Py_ssize_t q = 64 // sizeof(floating)
+    return (_unit_bound(net, typed, t + 1, team) - _unit_bound(net, typed, t, team)
+            + q - 1) // q * q
+
+
+cdef floating* _unit_block(Net* net, const floating* typed, int t, int team) noexcept nogil:
+    """Thread t's private block: width[0] rows of ``_unit_ld`` values (its columns of
+    W0), then four rows for its slices of z0, a0, d z0 and b0. The team's blocks lie
+    one after another in ``unit_blocks``, each row on its own cache lines: nothing a thread
+    writes every sample shares a line with another thread's (on Z0, 4 lines of 64
+    bytes written by both threads made A/1's first-layer pass 2-3x slower)."""
+    return <floating*>net.unit_blocks + _unit_block_offset(net, typed, t, team)
+
+
+cdef inline Py_ssize_t _unit_block_offset(Net* net, const floating* typed, int t,
+                                          int team) noexcept nogil:
+    cdef:
+        Py_ssize_t off = 0
+        int s
+    for s in range(t):
+        off += _unit_ld(net, typed, s, team)
+    return off * (net.width[0] + 4)
+
+
+cdef inline Py_ssize_t _unit_partial_ld(Net* net, const floating* typed) noexcept nogil:
+    """Stride of the partials of z1: width[2] rounded up to a 64-byte line."""
+    cdef Py_ssize_t q = 64 // sizeof(floating)
+    return (net.width[2] + q - 1) // q * q
+
+
+cdef inline floating* _unit_partials(Net* net, const floating* typed, int team) noexcept nogil:
+    """The partials of z1, after the team's blocks: two sets (alternating samples) of
+    ``team`` rows of ``_unit_partial_ld``."""
+    return _unit_block(net, typed, team, team)
+
+
+cdef int _unit_blocks_room(Net* net, const floating* typed, int team) noexcept nogil:
+    """``unit_blocks`` sized for a team of ``team`` (allocated on the first unit-split run
+    and when the team changes); -1 when out of memory."""
+    cdef Py_ssize_t total
+    if net.unit_blocks != NULL and net.unit_blocks_team == team:
+        return 0
+    total = (_unit_block_offset(net, typed, team, team)
+             + 2 * team * _unit_partial_ld(net, typed))
+    nnf_free_huge(net.unit_blocks_mem)
+    net.unit_blocks = NULL
+    net.unit_blocks_team = 0
+    net.unit_blocks_mem = nnf_alloc_huge(total * sizeof(floating))
+    if net.unit_blocks_mem == NULL:
+        return -1
+    net.unit_blocks = net.unit_blocks_mem
+    net.unit_blocks_team = team
+    return 0
+
+cdef inline void _forward4_skip(const floating* xr, const floating* w, Py_ssize_t ld,
+                                Py_ssize_t n, floating* z) noexcept nogil:
+    """z += xr[q] * w[q] for four rows w[q] (n values, stride ld), in row order, zero
+    inputs skipped (as ``_forward_rows4`` for one row of X)."""
+    cdef int q
+    if xr[0] != 0 and xr[1] != 0 and xr[2] != 0 and xr[3] != 0:
+        if floating is float:
+            nnf_sforward4(w, ld, n, xr, z)
+        else:
+            nnf_dforward4(w, ld, n, xr, z)
+        return
+    for q in range(4):
+        if xr[q] != 0:
+            _axpy(z, xr[q], w + q * ld, n)
+
+
+cdef void _forward_cols(const floating* x, Py_ssize_t k, const floating* w, Py_ssize_t ld,
+                        Py_ssize_t n, floating* z) noexcept nogil:
+    """z = x @ W[:, cols] for one input row x (k values) and a block of n columns of W
+    (w: its first column, ld: W's row length)."""
+    cdef Py_ssize_t i = 0
+    memset(z, 0, n * sizeof(floating))
+    while i + 4 <= k:
+        _forward4_skip(x + i, w + i * ld, ld, n, z)
+        i += 4
+    for i in range(i, k):
+        if x[i] != 0:
+            _axpy(z, x[i], w + i * ld, n)
+
+
+cdef void _step_forward_cols(const floating* x, const floating* dz, Py_ssize_t k,
+                             floating* w, Py_ssize_t ld, Py_ssize_t n, floating neg,
+                             const floating* x_next, floating* z_next) noexcept nogil:
+    """A block of n columns of the first layer at batch 1, plain SGD: row i steps by
+    W[i, cols] += neg * x[i] * dz, then (with ``x_next``) adds the next sample's term
+    z_next += x_next[i] * W[i, cols] while the row is in L1 cache. The operations of
+    ``_first_layer_step_forward_rows`` at batch 1, on a block of columns."""
+    cdef:
+        Py_ssize_t i = 0
+        int q
+        floating a[4]
+        bint dense
+    if x_next != NULL:
+        memset(z_next, 0, n * sizeof(floating))
+    while i + 4 <= k:
+        dense = x_next != NULL
+        q = 0
+        while dense and q < 4:
+            a[q] = neg * x[i + q]
+            dense = x[i + q] != 0 and x_next[i + q] != 0
+            q += 1
+        if dense:
+            if floating is float:
+                nnf_sstep_forward4(w + i * ld, ld, n, dz, a, x_next + i, z_next)
+            else:
+                nnf_dstep_forward4(w + i * ld, ld, n, dz, a, x_next + i, z_next)
+        else:
+            for q in range(4):
+                if x[i + q] != 0:
+                    _axpy(w + (i + q) * ld, neg * x[i + q], dz, n)
+            if x_next != NULL:
+                _forward4_skip(x_next + i, w + i * ld, ld, n, z_next)
+        i += 4
+    for i in range(i, k):
+        if x[i] != 0:
+            _axpy(w + i * ld, neg * x[i], dz, n)
+        if x_next != NULL and x_next[i] != 0:
+            _axpy(z_next, x_next[i], w + i * ld, n)
+
+
+cdef double _unit_tail_forward(Net* net, void** view, const floating* partial,
+                               Py_ssize_t pld, int team, const floating* t,
+                               const int64_t* label, int loss) noexcept nogil:
+    """z1 = the team's partials summed in thread order, then b1 and the layers above on
+    this thread's copy (``view``), the loss and its gradient in view's G[last]."""
+    cdef:
+        int L = net.n_layers, last = L - 1, l, k, n, n2 = net.width[2], p
+        Py_ssize_t e
+        floating* z1 = <floating*>view[2 * L + 1]
+        const floating* part
+        const floating* inp
+    memcpy(z1, partial, n2 * sizeof(floating))
+    for p in range(1, team):
+        part = partial + p * pld
+        for e in range(n2):
+            z1[e] = z1[e] + part[e]
+    _bias_activate_rows(z1, <floating*>view[L + 1], <floating*>view[3 * L + 1], n2,
+                        net.act[1], 0, 1)
+    inp = <floating*>view[3 * L + 1]
+    for l in range(2, L):
+        k = net.width[l]
+        n = net.width[l + 1]
+        _small_forward_rows(inp, 1, k, n, <floating*>view[l], <floating*>view[2 * L + l], 0, k)
+        _bias_activate_rows(<floating*>view[2 * L + l], <floating*>view[L + l],
+                            <floating*>view[3 * L + l], n, net.act[l], 0, 1)
+        inp = <floating*>view[3 * L + l]
+    return _loss_rows(<floating*>view[2 * L + last], <floating*>view[3 * L + last],
+                      <floating*>t, <int64_t*>label, <floating*>view[4 * L + last],
+                      net.width[L], loss, net.act[last], 0, 1)
+
+
+cdef void _unit_tail_backward(Net* net, void** view, OptSpec* opt,
+                              floating neg) noexcept nogil:
+    """Backward and plain SGD step of the tail on this thread's copy: layers last..2
+    (each leaves the gradient below it in view's G), then b1; view's G[1] is dz1."""
+    cdef int L = net.n_layers, l, k, n
+    for l in range(L - 1, 1, -1):
+        k = net.width[l]
+        n = net.width[l + 1]
+        _small_backward_rows(<floating*>view[3 * L + l - 1], <floating*>view[4 * L + l], 1,
+                             k, n, <floating*>view[l], <floating*>net.dW[l],
+                             <floating*>view[4 * L + l - 1], <floating*>view[3 * L + l - 1],
+                             net.act[l - 1], opt, 2 * l, True, True, 1.0, 0, k)
+        _axpy(<floating*>view[L + l], neg, <floating*>view[4 * L + l], n)
+    _axpy(<floating*>view[L + 1], neg, <floating*>view[4 * L + 1], net.width[2])
+
+
+cdef inline bint _unit_stopped(Net* net, int team, Py_ssize_t it) noexcept nogil:
+    """Whether a thread of the team had a loss that was not finite at sample ``it``."""
+    cdef int p
+    for p in range(team):
+        if net.unit_stop[(it & 1) * team + p]:
+            return True
+    return False
+
+
+cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const floating* T,
+                             Py_ssize_t kt, const int64_t* labels, const int64_t* order,
+                             Py_ssize_t it0, Py_ssize_t it1, int loss, OptSpec* opt,
+                             double* out_loss, int64_t* out_correct,
+                             Py_ssize_t* failed) noexcept nogil:
+    """One thread's part of ``_unit_split_run`` (run by every thread of the team); the
+    team's one barrier per sample orders the partials of z1 (two sets, alternating, so a
+    thread may write the next sample's while another still reads this one's).
+
+    For the run, the thread works on private copies (``_unit_block``) of its columns of
+    W0 (rows of its units only, one after another) and of its slices of b0 and of the
+    first layer's workspace, written back at the end. In place, the block of columns
+    would lie on rows a power of two long, so in half of the L2 cache's sets, and the
+    slices would share their end lines with the next thread's."""
+    cdef:
+        int tid = nnf_thread_num(), team = nnf_team_size(), L = net.n_layers
+        int n0 = net.width[0], n1 = net.width[1], n2 = net.width[2], n_out = net.width[L]
+        floating* w0 = <floating*>net.W[0]
+        floating* w1
+        floating* partial = _unit_partials(net, w0, team)
+        floating neg = <floating>(-opt.lr)
+        void** view = net.unit_view + tid * 5 * L
+        Py_ssize_t c0 = _unit_bound(net, w0, tid, team)
+        Py_ssize_t c1 = _unit_bound(net, w0, tid + 1, team), units = c1 - c0
+        Py_ssize_t ld = _unit_ld(net, w0, tid, team), pld = _unit_partial_ld(net, w0)
+        Py_ssize_t it, row, i
+        floating* block = _unit_block(net, w0, tid, team)
+        floating* z = block + n0 * ld  # this thread's z0[U_t], a0[U_t], d z0[U_t], b0[U_t]
+        floating* a = z + ld
+        floating* g = a + ld
+        floating* b = g + ld
+        const floating* x
+        const floating* x_next
+        const floating* t
+        const int64_t* label
+        double total
+        bint stop = False
+    w1 = <floating*>net.W[1] + c0 * n2  # rows U_t of W1
+    for i in range(n0):
+        memcpy(block + i * ld, w0 + i * n1 + c0, units * sizeof(floating))
+    memcpy(b, <floating*>net.b[0] + c0, units * sizeof(floating))
+    x = X + (order[it0] if order != NULL else it0) * d
+    _forward_cols(x, n0, block, ld, units, z)
+    for it in range(it0, it1):
+        if not stop:
+            _bias_activate_rows(z, b, a, <int>units, net.act[0], 0, 1)
+            _small_forward_rows(a, 1, <int>units, n2, w1,
+                                partial + ((it & 1) * team + tid) * pld, 0, units)
+        nnf_barrier()
+        # the flags of the previous sample: set before this barrier, and no thread writes
+        # them after it (this sample's go to the other set), so every thread reads the
+        # same and the team leaves together
+        if it > it0 and _unit_stopped(net, team, it - 1):
+            if tid == 0:
+                failed[0] = it - 1
+            break
+        row = order[it] if order != NULL else it
+        t = T + row * kt if T != NULL else NULL
+        label = labels + row if labels != NULL else NULL
+        total = _unit_tail_forward(net, view, partial + (it & 1) * team * pld, pld, team, t,
+                                   label, loss)
+        if tid == 0:
+            out_loss[it - it0] = total
+            if out_correct != NULL:
+                out_correct[it - it0] = _count_correct(
+                    <floating*>view[3 * L + L - 1], t, label, 1, n_out, loss)
+        if isnan(total) or isinf(total):
+            # nothing of this sample is stepped; the team stops after the next barrier,
+            # all together even if their totals differed (a thread leaving alone would
+            # leave the others waiting at the barrier)
+            stop = True
+            net.unit_stop[(it & 1) * team + tid] = 1
+            continue
+        _unit_tail_backward(net, view, opt, neg)
+        # rows U_t of W1: d a0[U_t] (with a0's slope: d z0[U_t]) and their step
+        _small_backward_rows(a, <floating*>view[4 * L + 1], 1, <int>units, n2, w1,
+                             <floating*>net.dW[1] + c0 * n2, g, a, net.act[0], opt, 2,
+                             True, True, 1.0, 0, units)
+        _axpy(b, neg, g, units)
+        x_next = X + (order[it + 1] if order != NULL else it + 1) * d if it + 1 < it1 else NULL
+        _step_forward_cols(x, g, n0, block, ld, units, neg, x_next, z)
+        x = x_next
+    nnf_barrier()  # (a loss of the run's last sample is seen here)
+    if tid == 0 and failed[0] < 0 and _unit_stopped(net, team, it1 - 1):
+        failed[0] = it1 - 1
+    for i in range(n0):
+        memcpy(w0 + i * n1 + c0, block + i * ld, units * sizeof(floating))
+    memcpy(<floating*>net.b[0] + c0, b, units * sizeof(floating))
+    memcpy(<floating*>net.Z[0] + c0, z, units * sizeof(floating))
+    memcpy(<floating*>net.A[0] + c0, a, units * sizeof(floating))
+    memcpy(<floating*>net.G[0] + c0, g, units * sizeof(floating))
+
+
+cdef Py_ssize_t _unit_split_run(Net* net, const floating* X, Py_ssize_t d,
+                                const floating* T, Py_ssize_t kt, const int64_t* labels,
+                                const int64_t* order, Py_ssize_t it0, Py_ssize_t it1,
+                                int loss, OptSpec* opt, double* out_loss,
+                                int64_t* out_correct, int64_t* steps,
+                                int team) noexcept nogil:
+    """Iterations it0..it1-1 of a batch-1 plain-SGD epoch in one parallel region of
+    ``team`` threads (see the notes above ``UNIT_SPLIT``); the result of ``_net_run``.
+    Within each block the operations are those of the hand loops on one thread; z1's
+    terms are summed per block and then across blocks."""
+    cdef:
+        int L = net.n_layers, p, l
+        Py_ssize_t failed = -1, done
+        void** view
+    memset(net.unit_stop, 0, 2 * team * sizeof(int))
+    for p in range(1, team):  # the tail copies start from the model's values
+        view = net.unit_view + p * 5 * L
+        for l in range(1, L):
+            memcpy(view[L + l], net.b[l], net.width[l + 1] * sizeof(floating))
+            if l >= 2:
+                memcpy(view[l], net.W[l],
+                       <Py_ssize_t>net.width[l] * net.width[l + 1] * sizeof(floating))
+    with parallel(num_threads=team):
+        _unit_split_worker(net, X, d, T, kt, labels, order, it0, it1, loss, opt, out_loss,
+                           out_correct, &failed)
+    done = (failed if failed >= 0 else it1) - it0
+    opt.step += done
+    steps[0] += done
+    net.unit_iterations += done
+    return failed
+
+cdef inline size_t _round64(size_t nbytes) noexcept nogil:
+    return (nbytes + 63) // 64 * 64
+
+
+cdef inline char* _like(char** cursor, const void* orig, size_t nbytes) noexcept nogil:
+    """Room for a copy of ``orig`` at ``cursor`` (64-byte aligned), at the same offset
+    within a cache line as orig: the vector kernels then split the copy into the same
+    aligned and unaligned parts, so every thread's copy computes the same values."""
+    cdef char* p = cursor[0] + <size_t>orig % 64
+    cursor[0] += _round64(nbytes) + 64
+    return p
+
+
+cdef int _unit_split_alloc(Net* net, size_t item) noexcept nogil:
+    """The unit split's buffers (``_unit_split_run``): per thread a view of W, b, Z, A, G
+    for every layer, thread 0's the net's own arrays, the others' private copies of the
+    tail (b and one row of Z, A, G from layer 1 on, W from layer 2 on). Returns -1 when
+    out of memory (the net then keeps the other paths)."""
+    cdef:
+        int T = net.scratch_threads, L = net.n_layers, t, l
+        size_t per = 0, nb, nw
+        char* cursor
+        void** view
+    for l in range(1, L):
+        nb = net.width[l + 1] * item
+        per += 4 * (_round64(nb) + 64)
+        if l >= 2:
+            per += _round64(<size_t>net.width[l] * nb) + 64
+    net.unit_view = <void**>calloc(T * 5 * L, sizeof(void*))
+    net.unit_stop = <int*>calloc(2 * T, sizeof(int))
+    net.unit_mem = malloc(max(<size_t>1, (T - 1) * per) + 64)
+    if net.unit_view == NULL or net.unit_mem == NULL or net.unit_stop == NULL:
+        free(net.unit_view)
+        free(net.unit_mem)
+        free(net.unit_stop)
+        net.unit_view = NULL
+        net.unit_mem = NULL
+        net.unit_stop = NULL
+        return -1
+    for l in range(L):
+        net.unit_view[l] = net.W[l]
+        net.unit_view[L + l] = net.b[l]
+        net.unit_view[2 * L + l] = net.Z[l]
+        net.unit_view[3 * L + l] = net.A[l]
+        net.unit_view[4 * L + l] = net.G[l]
+    cursor = <char*>net.unit_mem + (64 - <size_t>net.unit_mem % 64) % 64
+    for t in range(1, T):
+        view = net.unit_view + t * 5 * L
+        for l in range(1, L):
+            nb = net.width[l + 1] * item
+            view[L + l] = _like(&cursor, net.b[l], nb)
+            view[2 * L + l] = _like(&cursor, net.Z[l], nb)
+            view[3 * L + l] = _like(&cursor, net.A[l], nb)
+            view[4 * L + l] = _like(&cursor, net.G[l], nb)
+            if l >= 2:
+                view[l] = _like(&cursor, net.W[l], <size_t>net.width[l] * nb)
+    return 0
 
 
 cdef void* _data(arr):
@@ -1886,6 +2351,15 @@ cdef class NetworkPlan:
             self.net.Z[l] = _data(Zs[l])
             self.net.A[l] = _data(As[l])
             self.net.G[l] = _data(Gs[l])
+        self.net.unit_view = NULL
+        self.net.unit_mem = NULL
+        self.net.unit_blocks = NULL
+        self.net.unit_blocks_mem = NULL
+        self.net.unit_blocks_team = 0
+        self.net.unit_stop = NULL
+        if (L >= 2 and self.net.width[1] >= 2 * UNIT_SPLIT_MIN_UNITS
+                and _unit_tail_params(&self.net) <= UNIT_SPLIT_MAX_TAIL):
+            _unit_split_alloc(&self.net, 8 if self.is64 else 4)
 
     def __dealloc__(self):
         free(self.net.scratch)
@@ -1896,6 +2370,10 @@ cdef class NetworkPlan:
         free(self.net.next_x)
         free(self.net.next_t)
         free(self.net.next_labels)
+        free(self.net.unit_view)
+        free(self.net.unit_mem)
+        free(self.net.unit_stop)
+        nnf_free_huge(self.net.unit_blocks_mem)
         free(self.net.width)
         free(self.net.act)
         free(self.net.W)
@@ -1905,6 +2383,11 @@ cdef class NetworkPlan:
         free(self.net.Z)
         free(self.net.A)
         free(self.net.G)
+
+    @property
+    def unit_split_iterations(self):
+        """Iterations so far trained by the unit split (``_unit_split_run``)."""
+        return self.net.unit_iterations
 
     @property
     def fused_iterations(self):

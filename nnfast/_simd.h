@@ -65,11 +65,12 @@ static inline void nnf_##P##axpy(T *y, T alpha, const T *x, long n) {           
     for (; i + W <= n; i += W) STORE(y + i, FMADD(va, LOAD(x + i), LOAD(y + i)));    \
     for (; i < n; i++) y[i] += alpha * x[i];                                          \
 }                                                                                     \
-/* z += b[r] * w[r] for four consecutive rows w[r] (stride n), in row order: the four  \
- * axpys' operations per element, with z loaded and stored once instead of four times. */\
-static inline void nnf_##P##forward4(const T *w, long n, const T *b, T *z) {           \
+/* z += b[r] * w[r] for four consecutive rows w[r] of n values (stride ld >= n: a     \
+ * block of columns), in row order: the four axpys' operations per element, with z     \
+ * loaded and stored once instead of four times. */                                   \
+static inline void nnf_##P##forward4(const T *w, long ld, long n, const T *b, T *z) {  \
     const V b0 = SET1(b[0]), b1 = SET1(b[1]), b2 = SET1(b[2]), b3 = SET1(b[3]);       \
-    const T *w1 = w + n, *w2 = w + 2 * n, *w3 = w + 3 * n;                            \
+    const T *w1 = w + ld, *w2 = w + 2 * ld, *w3 = w + 3 * ld;                         \
     long j = 0;                                                                       \
     for (; j + W <= n; j += W) {                                                      \
         V zz = FMADD(b0, LOAD(w + j), LOAD(z + j));                                   \
@@ -82,16 +83,17 @@ static inline void nnf_##P##forward4(const T *w, long n, const T *b, T *z) {    
         z[j] += b[2] * w2[j]; z[j] += b[3] * w3[j];                                   \
     }                                                                                 \
 }                                                                                     \
-/* Four consecutive rows w[r] (stride n) of the first layer at batch 1: the SGD step    \
- * w[r] += a[r] * dz, then z += b[r] * w[r] (the next sample's forward), rows in order.  \
+/* Four consecutive rows w[r] (n values, stride ld) of the first layer at batch 1: the \
+ * SGD step w[r] += a[r] * dz, then z += b[r] * w[r] (the next sample's forward), rows \
+ * in order.                                                                          \
  * Per element exactly the operations of the two axpys it replaces, but z is loaded     \
  * and stored once per four rows instead of once per row (one store per weight is the   \
  * bound: 392x256 rows 7.9 -> 4.6 us, C microbenchmark, one thread). */                 \
-static inline void nnf_##P##step_forward4(T *w, long n, const T *dz, const T *a,      \
-                                          const T *b, T *z) {                         \
+static inline void nnf_##P##step_forward4(T *w, long ld, long n, const T *dz,         \
+                                          const T *a, const T *b, T *z) {             \
     const V a0 = SET1(a[0]), a1 = SET1(a[1]), a2 = SET1(a[2]), a3 = SET1(a[3]);       \
     const V b0 = SET1(b[0]), b1 = SET1(b[1]), b2 = SET1(b[2]), b3 = SET1(b[3]);       \
-    T *w1 = w + n, *w2 = w + 2 * n, *w3 = w + 3 * n;                                  \
+    T *w1 = w + ld, *w2 = w + 2 * ld, *w3 = w + 3 * ld;                               \
     long j = 0;                                                                       \
     for (; j + W <= n; j += W) {                                                      \
         const V d = LOAD(dz + j);                                                     \
@@ -250,14 +252,14 @@ static inline void nnf_daxpy(double *y, double alpha, const double *x, long n) {
     for (long i = 0; i < n; i++) y[i] += alpha * x[i];
 }
 #define NNF_STEP_FORWARD4(P, T)                                                       \
-static inline void nnf_##P##forward4(const T *w, long n, const T *b, T *z) {           \
-    for (int r = 0; r < 4; r++) nnf_##P##axpy(z, b[r], w + r * n, n);                 \
+static inline void nnf_##P##forward4(const T *w, long ld, long n, const T *b, T *z) {  \
+    for (int r = 0; r < 4; r++) nnf_##P##axpy(z, b[r], w + r * ld, n);                \
 }                                                                                     \
-static inline void nnf_##P##step_forward4(T *w, long n, const T *dz, const T *a,      \
-                                          const T *b, T *z) {                         \
+static inline void nnf_##P##step_forward4(T *w, long ld, long n, const T *dz,         \
+                                          const T *a, const T *b, T *z) {             \
     for (int r = 0; r < 4; r++) {                                                     \
-        nnf_##P##axpy(w + r * n, a[r], dz, n);                                        \
-        nnf_##P##axpy(z, b[r], w + r * n, n);                                         \
+        nnf_##P##axpy(w + r * ld, a[r], dz, n);                                       \
+        nnf_##P##axpy(z, b[r], w + r * ld, n);                                        \
     }                                                                                 \
 }
 NNF_STEP_FORWARD4(s, float)

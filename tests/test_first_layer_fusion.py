@@ -17,6 +17,15 @@ import nnfast as nf
 from nnfast._compiled import kernels as _kernels
 
 
+@pytest.fixture(autouse=True)
+def _row_split_hand_loops():
+    """These tests are about the hand loops' fused pass; batch-1 runs on several
+    threads would take the unit split instead (tests/test_unit_split.py)."""
+    old = _kernels._set_unit_split(False)
+    yield
+    _kernels._set_unit_split(*old)
+
+
 def fusion(on):
     class _Setting:
         def __enter__(self):

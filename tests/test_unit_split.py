@@ -1,0 +1,233 @@
+"""The unit split (issue 4, batch-1 fast path on several threads).
+
+At batch 1 with plain SGD, ``_net_run`` hands a run of iterations to one parallel
+region (``_unit_split_run``): each thread owns a block of the first hidden layer's units
+(columns of W0 and b0, rows of W1), the threads meet once per sample to sum their
+partials of layer 1's output, and every thread then runs the rest of the network (the
+"tail") on its own copy of the tail's parameters. It must train what the row-split hand
+loops and the NumPy backend train (the sums of layer 1's output are split by blocks, so
+results agree to rounding, not bit for bit), stop where they stop on a non-finite loss,
+give the same bits run after run whatever the arrays' alignment, and be taken only where
+it applies.
+"""
+import numpy as np
+import pytest
+
+import nnfast as nf
+from nnfast._compiled import kernels as _kernels
+
+
+class unit_split:
+    """Context: the unit split on or off (the old setting is put back after)."""
+
+    def __init__(self, on):
+        self.on = on
+
+    def __enter__(self):
+        self.old = _kernels._set_unit_split(self.on)[0]
+
+    def __exit__(self, *exc):
+        _kernels._set_unit_split(self.old)
+
+
+@pytest.fixture(params=[2, 3], ids=["2t", "3t"])
+def team(request):
+    before = nf.get_num_threads()
+    nf.set_num_threads(request.param)
+    yield request.param
+    nf.set_num_threads(before)
+
+
+def make(sizes, dtype, hidden="relu", last="softmax", backend="cython"):
+    layers = [nf.Dense(i, o, activation=hidden) for i, o in zip(sizes[:-2], sizes[1:-1])]
+    layers.append(nf.Dense(sizes[-2], sizes[-1], activation=last))
+    return nf.Sequential(*layers, seed=3, dtype=dtype, backend=backend)
+
+
+def data(sizes, dtype, zeros=False, n=150):
+    rng = np.random.default_rng(5)
+    X = rng.random((n, sizes[0]))
+    if zeros:
+        X[rng.random(X.shape) < 0.25] = 0.0
+        X[:, :9] = 0.0
+    return X.astype(dtype), rng.integers(0, sizes[-1], n)
+
+
+def train(model, X, y, on, loss="cross_entropy", optimizer=None, **kw):
+    kw.setdefault("epochs", 2)
+    kw.setdefault("batch_size", 1)
+    kw.setdefault("seed", 1)
+    with unit_split(on):
+        h = model.fit(X, y, loss=loss, optimizer=optimizer or nf.SGD(lr=0.05), **kw)
+    return h
+
+
+def ran(model):
+    return model._workspace.plan.unit_split_iterations
+
+
+def assert_close(m_a, m_b, h_a, h_b, rtol):
+    for a, b in zip(m_a.get_weights(), m_b.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(h_a.batch_losses, h_b.batch_losses, rtol=rtol, atol=rtol)
+
+
+# 203-330-10: units not a multiple of 16 (blocks end inside a vector); 64-128-10: two
+# layers (the tail is b1 and the loss); 517-130-30-5: a tail of two layers;
+# 100-40-3: the fewest units two threads take (16 and 24); 300-256-7: even blocks
+@pytest.mark.parametrize("sizes", [(203, 330, 10), (64, 128, 10), (517, 130, 30, 5),
+                                   (100, 40, 3), (300, 256, 7)],
+                         ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("zeros", [False, True], ids=["dense", "zeros"])
+@pytest.mark.parametrize("shuffle", [True, False], ids=["shuffled", "ordered"])
+def test_unit_split_trains_as_the_hand_loops_and_the_numpy_backend(team, sizes, zeros,
+                                                                   shuffle):
+    X, y = data(sizes, np.float64, zeros)
+    m_on, m_off = make(sizes, np.float64), make(sizes, np.float64)
+    h_on = train(m_on, X, y, True, shuffle=shuffle)
+    h_off = train(m_off, X, y, False, shuffle=shuffle)
+    # (100-40-3 on 3 threads: a team of 2, each thread needs 16 units)
+    assert ran(m_on) == 2 * len(X) and ran(m_off) == 0
+    assert_close(m_on, m_off, h_on, h_off, 1e-9)
+    ref = make(sizes, np.float64, backend="numpy")
+    h_ref = ref.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.05), epochs=2,
+                    batch_size=1, seed=1, shuffle=shuffle)
+    assert_close(m_on, ref, h_on, h_ref, 1e-9)
+    assert (h_on.iterations, h_on.steps) == (h_ref.iterations, h_ref.steps)
+
+
+@pytest.mark.parametrize("hidden", ["tanh", "sigmoid", "leaky_relu"])
+def test_unit_split_with_other_hidden_activations(team, hidden):
+    sizes = (120, 96, 24, 4)
+    X, y = data(sizes, np.float64)
+    m_on, m_off = make(sizes, np.float64, hidden), make(sizes, np.float64, hidden)
+    h_on, h_off = train(m_on, X, y, True), train(m_off, X, y, False)
+    assert ran(m_on) > 0
+    assert_close(m_on, m_off, h_on, h_off, 1e-9)
+
+
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "cross_entropy_probs"])
+def test_unit_split_with_target_rows(team, loss):
+    rng = np.random.default_rng(11)
+    X = rng.random((130, 90))
+    if loss == "mse":
+        last, T, name = "identity", rng.standard_normal((130, 6)), "mse"
+    elif loss == "binary_cross_entropy":
+        last, T, name = "sigmoid", (rng.random((130, 6)) < 0.4) * 1.0, "binary_cross_entropy"
+    else:
+        last, name = "softmax", "cross_entropy"
+        T = rng.random((130, 6))
+        T /= T.sum(axis=1, keepdims=True)
+    models = [make((90, 64, 6), np.float64, last=last) for _ in range(2)]
+    hists = [train(m, X, T, on, loss=name, optimizer=nf.SGD(lr=0.02))
+             for m, on in zip(models, (True, False))]
+    assert ran(models[0]) > 0
+    assert_close(*models, *hists, 1e-9)
+
+
+def test_unit_split_in_float32_and_its_accuracy_counts(team):
+    sizes = (203, 330, 10)
+    X, y = data(sizes, np.float32)
+    m_on, m_off = make(sizes, np.float32), make(sizes, np.float32)
+    h_on = train(m_on, X, y, True, validation_data=(X[:40], y[:40]))
+    h_off = train(m_off, X, y, False, validation_data=(X[:40], y[:40]))
+    assert ran(m_on) > 0
+    assert_close(m_on, m_off, h_on, h_off, 2e-4)
+    # the per-epoch training accuracy comes from the kernel's per-iteration counts
+    # (float32 rounding may flip a near tie: at most one sample of 150 or 40)
+    np.testing.assert_allclose(h_on.history["accuracy"], h_off.history["accuracy"],
+                               atol=1 / 150 + 1e-12)
+    assert 0 < h_on.history["accuracy"][-1] <= 1
+    np.testing.assert_allclose(h_on.history["val_accuracy"], h_off.history["val_accuracy"],
+                               atol=1 / 40 + 1e-12)
+
+
+def test_unit_split_is_deterministic_whatever_the_alignment(team):
+    # the blocks' bounds and the tail copies' layout must not depend on where the
+    # arrays lie, or the sums (and the results) would change from process to process
+    sizes = (203, 330, 40, 10)
+    X, y = data(sizes, np.float32)
+    results = []
+    for shift in (0, 4, 8, 12, 16):  # bytes / 4: W0, W2 and b1 moved by 0-64 bytes
+        m = make(sizes, np.float32)
+        for layer in (m.layers[0], m.layers[2]):
+            buf = np.empty(layer.W.size + 64, dtype=np.float32)
+            start = (-buf.ctypes.data // 4) % 16 + shift
+            W = buf[start:start + layer.W.size].reshape(layer.W.shape)
+            W[...] = layer.W
+            layer.W = W
+        buf = np.empty(m.layers[1].b.size + 64, dtype=np.float32)
+        start = (-buf.ctypes.data // 4) % 16 + shift
+        b1 = buf[start:start + m.layers[1].b.size]
+        b1[...] = m.layers[1].b
+        m.layers[1].b = b1
+        h = train(m, X, y, True)
+        assert ran(m) > 0
+        results.append((m.get_weights(), h.batch_losses))
+    for weights, losses in results[1:]:
+        for a, b in zip(weights, results[0][0]):
+            np.testing.assert_array_equal(a, b)
+        assert losses == results[0][1]
+
+
+@pytest.mark.parametrize("bad", [71, 99], ids=["mid-run", "last-sample"])
+def test_divergence_stops_the_unit_split_where_the_hand_loops_stop(team, bad):
+    sizes = (203, 330, 10)
+    X, y = data(sizes, np.float32, n=100)
+    X[bad, 5:45] = np.float32(3e38)      # this sample overflows the forward pass
+    results = []
+    for on in (True, False):
+        m = make(sizes, np.float32)
+        with unit_split(on), pytest.raises(nf.DivergenceError) as err:
+            m.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.01), epochs=1,
+                  batch_size=1, shuffle=False)
+        results.append((m, err.value.history))
+    (m_on, h_on), (m_off, h_off) = results
+    assert ran(m_on) == bad
+    # the History holds the good iterations before it; that sample changed nothing
+    assert len(h_on.batch_losses) == bad == len(h_off.batch_losses)
+    assert_close(m_on, m_off, h_on, h_off, 2e-4)
+
+
+def test_workspace_holds_the_last_sample_after_a_unit_split_run(team):
+    sizes = (64, 128, 10)
+    X, y = data(sizes, np.float64)
+    m_on, m_off = make(sizes, np.float64), make(sizes, np.float64)
+    train(m_on, X, y, True, epochs=1, shuffle=False)
+    train(m_off, X, y, False, epochs=1, shuffle=False)
+    for name in ("Z", "A", "G"):
+        for a, b in zip(getattr(m_on._workspace, name), getattr(m_off._workspace, name)):
+            np.testing.assert_allclose(a[:1], b[:1], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(m_on.predict(X), m_off.predict(X), rtol=1e-9)
+
+
+@pytest.mark.parametrize("case", ["accumulate", "momentum", "weight_decay", "adam",
+                                  "batch2", "one_thread", "short_run", "few_units"])
+def test_unit_split_is_taken_only_where_it_applies(case):
+    sizes = (100, 24, 3) if case == "few_units" else (100, 64, 3)
+    X, y = data(sizes, np.float64, n=40 if case == "short_run" else 150)
+    opt = {"momentum": nf.SGD(lr=0.05, momentum=0.9),
+           "weight_decay": nf.SGD(lr=0.05, weight_decay=1e-3),
+           "adam": nf.Adam(lr=1e-3)}.get(case, nf.SGD(lr=0.05))
+    kw = {"accumulate": 2} if case == "accumulate" else {}
+    before = nf.get_num_threads()
+    nf.set_num_threads(1 if case == "one_thread" else 2)
+    try:
+        m = make(sizes, np.float64)
+        w0 = m.get_weights()
+        h = train(m, X, y, True, optimizer=opt, batch_size=2 if case == "batch2" else 1,
+                  **kw)
+        assert ran(m) == 0
+        assert h.steps > 0 and not np.array_equal(m.get_weights()[0], w0[0])
+    finally:
+        nf.set_num_threads(before)
+
+
+def test_unit_split_setting_returns_the_previous_one():
+    old = _kernels._set_unit_split(False)
+    try:
+        assert _kernels._set_unit_split(True)[0] is False
+        assert _kernels._set_unit_split(True, 5)[1] == old[1]
+        assert _kernels._set_unit_split(True, old[1])[1] == 5
+    finally:
+        _kernels._set_unit_split(*old)
