@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import _memory
 from ._validation import positive_int as _positive_int
 
 # Activation codes, shared with the kernels (nnfast/_kernels.pyx: enum Activation).
@@ -69,10 +70,11 @@ class Dense:
     def build(self, rng: np.random.Generator, dtype) -> None:
         """Draw W (in float64, then cast) and zero b and the gradient sums."""
         limit = self.init_limit()
-        self.W = rng.uniform(-limit, limit, size=(self.in_features, self.units)).astype(dtype)
-        self.b = np.zeros(self.units, dtype=dtype)
-        self.dW = np.zeros_like(self.W)
-        self.db = np.zeros_like(self.b)
+        self.W = _memory.copy(
+            rng.uniform(-limit, limit, size=(self.in_features, self.units)).astype(dtype))
+        self.b = _memory.zeros(self.units, dtype)
+        self.dW = _memory.zeros(self.W.shape, dtype)
+        self.db = _memory.zeros(self.units, dtype)
 
     @property
     def n_params(self) -> int:

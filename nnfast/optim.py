@@ -11,6 +11,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from . import _memory
 from ._interrupt import deferred_sigint
 from ._validation import real_number
 
@@ -131,7 +132,8 @@ class SGD(Optimizer):
         self.weight_decay = real_number(weight_decay, "weight_decay", low=0)
 
     def _new_state(self, param):
-        return {"velocity": np.zeros(param.size, dtype=param.dtype)} if self.momentum else {}
+        return ({"velocity": _memory.zeros(param.size, param.dtype)} if self.momentum
+                else {})
 
     def _update(self, backend, param, grad, state, scale):
         velocity = state.get("velocity", param)
@@ -172,8 +174,8 @@ class Adam(Optimizer):
         self.decoupled_weight_decay = bool(decoupled_weight_decay)
 
     def _new_state(self, param):
-        return {"exp_avg": np.zeros(param.size, dtype=param.dtype),
-                "exp_avg_sq": np.zeros(param.size, dtype=param.dtype)}
+        return {"exp_avg": _memory.zeros(param.size, param.dtype),
+                "exp_avg_sq": _memory.zeros(param.size, param.dtype)}
 
     def _update(self, backend, param, grad, state, scale):
         backend.adam_update(param, grad, state["exp_avg"], state["exp_avg_sq"], scale, self.lr,

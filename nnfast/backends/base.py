@@ -10,6 +10,7 @@ Activation and loss codes are the integers defined in :mod:`nnfast.layers` and
 """
 import numpy as np
 
+from .. import _memory
 from ..layers import IDENTITY, SOFTMAX
 
 
@@ -27,12 +28,12 @@ class Workspace:
         self.Z, self.A, self.G = [], [], []
         last = len(layers) - 1
         for i, layer in enumerate(layers):
-            z = np.empty((capacity, layer.units), dtype=dtype)
+            z = _memory.empty((capacity, layer.units), dtype)
             keep_z = i == last and layer.activation_code != IDENTITY
-            a = np.empty_like(z) if keep_z else z
+            a = _memory.empty(z.shape, dtype) if keep_z else z
             self.Z.append(z)
             self.A.append(a)
-            self.G.append(np.empty_like(z))
+            self.G.append(_memory.empty(z.shape, dtype))
         self.x_batch = None   # gathered input rows (fit's shuffled batches)
         self.t_batch = None   # gathered target rows
         self.l_batch = None   # gathered integer labels
@@ -41,9 +42,9 @@ class Workspace:
     def batch_buffers(self, n_inputs, n_outputs, dtype):
         """The gather buffers for shuffled batches, allocated on first use."""
         if self.x_batch is None:
-            self.x_batch = np.empty((self.capacity, n_inputs), dtype=dtype)
-            self.t_batch = np.empty((self.capacity, n_outputs), dtype=dtype)
-            self.l_batch = np.empty(self.capacity, dtype=np.int64)
+            self.x_batch = _memory.empty((self.capacity, n_inputs), dtype)
+            self.t_batch = _memory.empty((self.capacity, n_outputs), dtype)
+            self.l_batch = _memory.empty(self.capacity, np.int64)
         return self.x_batch, self.t_batch, self.l_batch
 
     def rows(self, m):
