@@ -1188,6 +1188,30 @@ cdef inline void _gradient_row(const floating* x, const floating* dz, Py_ssize_t
         _update_range(opt, jw, w, dw, scale, i * n, (i + 1) * n)
 
 
+cdef inline bint _step_forward4_dense(const floating* x, const floating* x_next,
+                                      floating neg, floating* w, Py_ssize_t ld,
+                                      Py_ssize_t n, const floating* dz,
+                                      floating* z_next) noexcept nogil:
+    """Four rows w[0..3] (n values, stride ld) of the first layer at batch 1, plain SGD:
+    when their inputs x[0..3] and the next sample's x_next[0..3] are all non-zero, the
+    step w[q] += neg * x[q] * dz and the next forward z_next += x_next[q] * w[q] in one
+    pass (``nnf_*step_forward4``; the next inputs are contiguous and go to the kernel as
+    they lie) and True; else nothing and False (the caller skips zero inputs row by
+    row)."""
+    cdef:
+        floating a[4]
+        int q
+    for q in range(4):
+        if x[q] == 0 or x_next[q] == 0:
+            return False
+        a[q] = neg * x[q]
+    if floating is float:
+        nnf_sstep_forward4(w, ld, n, dz, a, x_next, z_next)
+    else:
+        nnf_dstep_forward4(w, ld, n, dz, a, x_next, z_next)
+    return True
+
+
 cdef void _first_layer_step_forward_rows(const floating* x, const floating* dz,
                                          Py_ssize_t m, int k, int n, floating* w,
                                          floating* dw, OptSpec* opt, bint update, bint fold,
@@ -1203,24 +1227,13 @@ cdef void _first_layer_step_forward_rows(const floating* x, const floating* dz,
     cdef:
         Py_ssize_t i = i0, r
         floating neg = <floating>(-opt.lr * scale) if fold else 0
-        floating a[4]
-        bint dense
     memset(z_next, 0, m_next * n * sizeof(floating))
     while i + 4 <= i1:
         # batch 1, plain SGD, no zero input: step and forward in one pass over the rows
-        # (the next inputs X_next[0, i..i+3] are contiguous and go to the kernel as they lie)
-        dense = fold and m == 1 and m_next == 1
-        r = 0
-        while dense and r < 4:
-            a[r] = neg * x[i + r]
-            dense = x[i + r] != 0 and x_next[i + r] != 0
-            r += 1
-        if dense:
-            if floating is float:
-                nnf_sstep_forward4(w + i * n, n, n, dz, a, x_next + i, z_next)
-            else:
-                nnf_dstep_forward4(w + i * n, n, n, dz, a, x_next + i, z_next)
-        else:  # four rows stepped, then read (still in L1) by the forward
+        if not (fold and m == 1 and m_next == 1
+                and _step_forward4_dense(x + i, x_next + i, neg, w + i * n, n, n, dz,
+                                         z_next)):
+            # four rows stepped, then read (still in L1) by the forward
             for r in range(4):
                 _gradient_row(x, dz, m, k, n, w, dw, opt, 0, update, fold, scale, neg, i + r)
             _forward_rows4(x_next, m_next, k, n, w, z_next, i)
@@ -1980,23 +1993,12 @@ cdef void _step_forward_cols(const floating* x, const floating* dz, Py_ssize_t k
     cdef:
         Py_ssize_t i = 0
         int q
-        floating a[4]
-        bint dense
     if x_next != NULL:
         memset(z_next, 0, n * sizeof(floating))
     while i + 4 <= k:
-        dense = x_next != NULL
-        q = 0
-        while dense and q < 4:
-            a[q] = neg * x[i + q]
-            dense = x[i + q] != 0 and x_next[i + q] != 0
-            q += 1
-        if dense:
-            if floating is float:
-                nnf_sstep_forward4(w + i * ld, ld, n, dz, a, x_next + i, z_next)
-            else:
-                nnf_dstep_forward4(w + i * ld, ld, n, dz, a, x_next + i, z_next)
-        else:
+        if not (x_next != NULL
+                and _step_forward4_dense(x + i, x_next + i, neg, w + i * ld, ld, n, dz,
+                                         z_next)):
             for q in range(4):
                 if x[i + q] != 0:
                     _axpy(w + (i + q) * ld, neg * x[i + q], dz, n)
