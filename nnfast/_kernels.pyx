@@ -972,14 +972,15 @@ cdef struct Net:
     void* next_t              # current one, gathered while the current one is in use
     int64_t* next_labels      # (the fused first-layer pass, see _net_run)
     int64_t fused_iterations  # iterations whose first-layer product came from that pass
-    # the unit split (_unit_split_run; NULL where the net does not qualify): per thread,
-    # pointers W, b, Z, A, G for every layer (thread 0: the net's own arrays, threads 1..:
-    # private copies of the tail), their storage, and layer 1's partial outputs
+    # the unit split (_unit_split_run; unit_view NULL where the net does not qualify): per
+    # thread, pointers W, b, Z, A, G for every layer (thread 0: the net's own arrays,
+    # threads 1..: private copies of the tail) and their storage; the team's private
+    # blocks and layer 1's partial outputs (allocated on the first run)
     void** unit_view          # scratch_threads * 5 * n_layers
     void* unit_mem
-    void* unit_blocks             # the team's private blocks (_unit_block), then the partials
+    void* unit_blocks         # the team's private blocks (_unit_block), then the partials
     void* unit_blocks_mem
-    int unit_blocks_team          # the team size unit_blocks is laid out for (0: none yet)
+    int unit_blocks_team      # the team size unit_blocks is laid out for (0: none yet)
     int* unit_stop            # per thread: its loss was not finite (2 * scratch_threads:
                               # samples of even and odd index, see _unit_split_worker)
     int64_t unit_iterations   # iterations trained by the unit split
@@ -1072,20 +1073,9 @@ cdef inline void _forward_rows4(const floating* x, Py_ssize_t m, int k, int n,
     """``_forward_row`` for rows i..i+3 of W: each Z[r] gets the four rows' terms in row
     order, as from four calls, but in one pass over Z[r] when its four inputs are
     non-zero (``nnf_*forward4``); zero inputs are skipped as there."""
-    cdef:
-        Py_ssize_t r, q
-        const floating* xr
-    for r in range(m):
-        xr = x + r * k + i  # the four inputs X[r, i..i+3], contiguous
-        if xr[0] != 0 and xr[1] != 0 and xr[2] != 0 and xr[3] != 0:
-            if floating is float:
-                nnf_sforward4(w + i * n, n, n, xr, z + r * n)
-            else:
-                nnf_dforward4(w + i * n, n, n, xr, z + r * n)
-            continue
-        for q in range(4):
-            if xr[q] != 0:
-                _axpy(z + r * n, xr[q], w + (i + q) * n, n)
+    cdef Py_ssize_t r
+    for r in range(m):  # the four inputs X[r, i..i+3] are contiguous
+        _forward4_skip(x + r * k + i, w + i * n, n, n, z + r * n)
 
 
 cdef inline void _reduce_partials(Net* net, floating* z, Py_ssize_t m, int n,
@@ -2012,6 +2002,20 @@ cdef void _step_forward_cols(const floating* x, const floating* dz, Py_ssize_t k
             _axpy(z_next, x_next[i], w + i * ld, n)
 
 
+cdef enum ViewPart:
+    # what a thread's view (Net.unit_view) holds per layer, in this order
+    V_W = 0
+    V_B = 1
+    V_Z = 2
+    V_A = 3
+    V_G = 4
+
+
+cdef inline void* _part(void** view, int L, int part, int l) noexcept nogil:
+    """Array ``part`` (V_W, V_B, ...) of layer l in a thread's view."""
+    return view[part * L + l]
+
+
 cdef double _unit_tail_forward(Net* net, void** view, const floating* partial,
                                Py_ssize_t pld, int team, const floating* t,
                                const int64_t* label, int loss) noexcept nogil:
@@ -2020,7 +2024,9 @@ cdef double _unit_tail_forward(Net* net, void** view, const floating* partial,
     cdef:
         int L = net.n_layers, last = L - 1, l, k, n, n2 = net.width[2], p
         Py_ssize_t e
-        floating* z1 = <floating*>view[2 * L + 1]
+        floating* z1 = <floating*>_part(view, L, V_Z, 1)
+        floating* z
+        floating* a
         const floating* part
         const floating* inp
     memcpy(z1, partial, n2 * sizeof(floating))
@@ -2028,35 +2034,41 @@ cdef double _unit_tail_forward(Net* net, void** view, const floating* partial,
         part = partial + p * pld
         for e in range(n2):
             z1[e] = z1[e] + part[e]
-    _bias_activate_rows(z1, <floating*>view[L + 1], <floating*>view[3 * L + 1], n2,
+    inp = <floating*>_part(view, L, V_A, 1)
+    _bias_activate_rows(z1, <floating*>_part(view, L, V_B, 1), <floating*>inp, n2,
                         net.act[1], 0, 1)
-    inp = <floating*>view[3 * L + 1]
     for l in range(2, L):
         k = net.width[l]
         n = net.width[l + 1]
-        _small_forward_rows(inp, 1, k, n, <floating*>view[l], <floating*>view[2 * L + l], 0, k)
-        _bias_activate_rows(<floating*>view[2 * L + l], <floating*>view[L + l],
-                            <floating*>view[3 * L + l], n, net.act[l], 0, 1)
-        inp = <floating*>view[3 * L + l]
-    return _loss_rows(<floating*>view[2 * L + last], <floating*>view[3 * L + last],
-                      <floating*>t, <int64_t*>label, <floating*>view[4 * L + last],
-                      net.width[L], loss, net.act[last], 0, 1)
+        z = <floating*>_part(view, L, V_Z, l)
+        a = <floating*>_part(view, L, V_A, l)
+        _small_forward_rows(inp, 1, k, n, <floating*>_part(view, L, V_W, l), z, 0, k)
+        _bias_activate_rows(z, <floating*>_part(view, L, V_B, l), a, n, net.act[l], 0, 1)
+        inp = a
+    return _loss_rows(<floating*>_part(view, L, V_Z, last), <floating*>inp, <floating*>t,
+                      <int64_t*>label, <floating*>_part(view, L, V_G, last), net.width[L],
+                      loss, net.act[last], 0, 1)
 
 
 cdef void _unit_tail_backward(Net* net, void** view, OptSpec* opt,
                               floating neg) noexcept nogil:
     """Backward and plain SGD step of the tail on this thread's copy: layers last..2
     (each leaves the gradient below it in view's G), then b1; view's G[1] is dz1."""
-    cdef int L = net.n_layers, l, k, n
+    cdef:
+        int L = net.n_layers, l, k, n
+        floating* a_prev
+        floating* g
     for l in range(L - 1, 1, -1):
         k = net.width[l]
         n = net.width[l + 1]
-        _small_backward_rows(<floating*>view[3 * L + l - 1], <floating*>view[4 * L + l], 1,
-                             k, n, <floating*>view[l], <floating*>net.dW[l],
-                             <floating*>view[4 * L + l - 1], <floating*>view[3 * L + l - 1],
-                             net.act[l - 1], opt, 2 * l, True, True, 1.0, 0, k)
-        _axpy(<floating*>view[L + l], neg, <floating*>view[4 * L + l], n)
-    _axpy(<floating*>view[L + 1], neg, <floating*>view[4 * L + 1], net.width[2])
+        a_prev = <floating*>_part(view, L, V_A, l - 1)
+        g = <floating*>_part(view, L, V_G, l)
+        _small_backward_rows(a_prev, g, 1, k, n, <floating*>_part(view, L, V_W, l),
+                             <floating*>net.dW[l], <floating*>_part(view, L, V_G, l - 1),
+                             a_prev, net.act[l - 1], opt, 2 * l, True, True, 1.0, 0, k)
+        _axpy(<floating*>_part(view, L, V_B, l), neg, g, n)
+    _axpy(<floating*>_part(view, L, V_B, 1), neg, <floating*>_part(view, L, V_G, 1),
+          net.width[2])
 
 
 cdef inline bint _unit_stopped(Net* net, int team, Py_ssize_t it) noexcept nogil:
@@ -2133,7 +2145,7 @@ cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const fl
             out_loss[it - it0] = total
             if out_correct != NULL:
                 out_correct[it - it0] = _count_correct(
-                    <floating*>view[3 * L + L - 1], t, label, 1, n_out, loss)
+                    <floating*>_part(view, L, V_A, L - 1), t, label, 1, n_out, loss)
         if isnan(total) or isinf(total):
             # nothing of this sample is stepped; the team stops after the next barrier,
             # all together even if their totals differed (a thread leaving alone would
@@ -2143,7 +2155,7 @@ cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const fl
             continue
         _unit_tail_backward(net, view, opt, neg)
         # rows U_t of W1: d a0[U_t] (with a0's slope: d z0[U_t]) and their step
-        _small_backward_rows(a, <floating*>view[4 * L + 1], 1, <int>units, n2, w1,
+        _small_backward_rows(a, <floating*>_part(view, L, V_G, 1), 1, <int>units, n2, w1,
                              <floating*>net.dW[1] + c0 * n2, g, a, net.act[0], opt, 2,
                              True, True, 1.0, 0, units)
         _axpy(b, neg, g, units)
@@ -2179,9 +2191,9 @@ cdef Py_ssize_t _unit_split_run(Net* net, const floating* X, Py_ssize_t d,
     for p in range(1, team):  # the tail copies start from the model's values
         view = net.unit_view + p * 5 * L
         for l in range(1, L):
-            memcpy(view[L + l], net.b[l], net.width[l + 1] * sizeof(floating))
+            memcpy(view[V_B * L + l], net.b[l], net.width[l + 1] * sizeof(floating))
             if l >= 2:
-                memcpy(view[l], net.W[l],
+                memcpy(view[V_W * L + l], net.W[l],
                        <Py_ssize_t>net.width[l] * net.width[l + 1] * sizeof(floating))
     with parallel(num_threads=team):
         _unit_split_worker(net, X, d, T, kt, labels, order, it0, it1, loss, opt, out_loss,
@@ -2232,22 +2244,22 @@ cdef int _unit_split_alloc(Net* net, size_t item) noexcept nogil:
         net.unit_stop = NULL
         return -1
     for l in range(L):
-        net.unit_view[l] = net.W[l]
-        net.unit_view[L + l] = net.b[l]
-        net.unit_view[2 * L + l] = net.Z[l]
-        net.unit_view[3 * L + l] = net.A[l]
-        net.unit_view[4 * L + l] = net.G[l]
+        net.unit_view[V_W * L + l] = net.W[l]
+        net.unit_view[V_B * L + l] = net.b[l]
+        net.unit_view[V_Z * L + l] = net.Z[l]
+        net.unit_view[V_A * L + l] = net.A[l]
+        net.unit_view[V_G * L + l] = net.G[l]
     cursor = <char*>net.unit_mem + (64 - <size_t>net.unit_mem % 64) % 64
     for t in range(1, T):
         view = net.unit_view + t * 5 * L
         for l in range(1, L):
             nb = net.width[l + 1] * item
-            view[L + l] = _like(&cursor, net.b[l], nb)
-            view[2 * L + l] = _like(&cursor, net.Z[l], nb)
-            view[3 * L + l] = _like(&cursor, net.A[l], nb)
-            view[4 * L + l] = _like(&cursor, net.G[l], nb)
+            view[V_B * L + l] = _like(&cursor, net.b[l], nb)
+            view[V_Z * L + l] = _like(&cursor, net.Z[l], nb)
+            view[V_A * L + l] = _like(&cursor, net.A[l], nb)
+            view[V_G * L + l] = _like(&cursor, net.G[l], nb)
             if l >= 2:
-                view[l] = _like(&cursor, net.W[l], <size_t>net.width[l] * nb)
+                view[V_W * L + l] = _like(&cursor, net.W[l], <size_t>net.width[l] * nb)
     return 0
 
 
