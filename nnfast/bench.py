@@ -44,6 +44,10 @@ threaded gemm probe (1024^3, best of 2); a round is *steady* when all its measur
 had both probes at >= 90 % of the best probe of the run, and a case's medians are taken
 over its steady rounds (over all rounds when none was steady). The table says how many
 rounds were steady; the JSON keeps every round, its probes and the all-rounds medians.
+Idle OpenBLAS workers spin for about 0.1 s after their last call, so every measurement
+and every probe is followed by a 0.15 s pause: without the pause after the probe, a
+2-thread contender shares a core with the probe's spinning worker for the first 0.1 s of
+its measurement (measured on A/128: 16-28 % fewer samples/s for nnfast).
 
 sgemm bound
 -----------
@@ -507,8 +511,8 @@ def _run_case(w, b, sizes, N, X, y, contenders, timing, predict, log):
                     t = _timed(run, p.n, p.reps)
                     rows[mode][c.name].append(p.n * p.reps / t)
                     # let the idle BLAS/OpenMP workers of this contender stop spinning
-                    # (OpenBLAS spins ~0.1 s after its last call) before the probe, and
-                    # those of the probe before the next measurement
+                    # (OpenBLAS spins ~0.1 s after its last call) before the probe;
+                    # _probe pauses the same way before the next measurement
                     time.sleep(timing.settle)
                     after = _probe(timing)
                     probes[mode][c.name].append([last_probe, after])
@@ -533,7 +537,14 @@ def _run_case(w, b, sizes, N, X, y, contenders, timing, predict, log):
 
 
 def _probe(timing):
-    return timing.probe() if timing.probe is not None else None
+    """The probe's GFLOP/s, after which its BLAS workers are let stop spinning (OpenBLAS
+    spins ~0.1 s after its last call): measured, a 2-thread A/128 epoch that starts
+    right after the probe ran 119-139K samples/s, against 164-166K after the pause."""
+    if timing.probe is None:
+        return None
+    gflops = timing.probe()
+    time.sleep(timing.settle)
+    return gflops
 
 
 def steady_rounds(results):

@@ -128,3 +128,42 @@ def test_unprobed_cases_show_no_steady_count():
     assert bench.steady_rounds([case]) is None and "train_steady_rounds" not in case
     bench.add_ratios([case], 100.0)
     assert bench.format_table([case], ["nnfast"]).splitlines()[2].split()[-1] == "-"
+
+
+def test_measurements_and_probes_are_kept_apart():
+    """Idle OpenBLAS workers spin ~0.1 s after a call: no measurement may start within
+    ``settle`` of the end of a probe, and no probe within ``settle`` of a measurement."""
+    import time
+    events = []   # (kind, start, end)
+
+    class Fake(bench.Contender):
+        def __init__(self, name):
+            self.name, self.kind, self.threads = name, "nnfast", 1
+
+        def setup(self, sizes, X, y, batch):
+            pass
+
+        def activate(self):
+            pass
+
+        def train(self, n, epochs):
+            t0 = time.perf_counter()
+            time.sleep(0.002)
+            events.append(("run", t0, time.perf_counter()))
+            return time.perf_counter() - t0
+
+    def probe():
+        t0 = time.perf_counter()
+        events.append(("probe", t0, time.perf_counter()))
+        return 100.0
+
+    timing = bench.Timing(min_time=0.001, max_time=1.0, calib_time=0.001, rounds=2,
+                          settle=0.03, probe=probe)
+    case = bench._run_case("B", 32, (64, 128, 10), 64, None, None, [Fake("a"), Fake("b")],
+                           timing, False, lambda msg: None)
+    assert all(len(e["rounds"]) == 2 for e in case["train"].values())
+    first_probe = next(i for i, e in enumerate(events) if e[0] == "probe")
+    timed = events[first_probe:]          # before it: warm-up and calibration, not timed
+    assert [k for k, _, _ in timed] == ["probe", "run"] * 4 + ["probe"]
+    for (_, _, end), (_, start, _) in zip(timed, timed[1:]):
+        assert start - end >= 0.03
