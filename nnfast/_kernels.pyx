@@ -343,24 +343,32 @@ cdef inline bint _hand_product(Py_ssize_t m, Py_ssize_t k, bint a_transposed) no
     return m <= HAND_NN_ROWS
 
 
-cdef inline void _small_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
-                           const floating* a, Py_ssize_t rsa, Py_ssize_t csa,
-                           const floating* b, floating* c, bint accumulate) noexcept nogil:
+cdef inline void _small_nn_ld(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
+                              const floating* a, Py_ssize_t rsa, Py_ssize_t csa,
+                              const floating* b, Py_ssize_t ldb, floating* c,
+                              Py_ssize_t ldc, bint accumulate) noexcept nogil:
     """C[m, n] = alpha * A @ B (+ C when ``accumulate``), serially.
     # IN  a: A[i, p] = a[i * rsa + p * csa], one of rsa, csa being 1 (A or a transpose)
-    # IN  b: B, (k, n) row-major
-    # OUT c: C, (m, n) row-major
+    # IN  b: B, (k, n), rows ldb apart
+    # OUT c: C, (m, n), rows ldc apart
     float32 takes the hand kernels of _smallgemm.h where ``_hand_product`` says they win;
     everything else takes gemm."""
     cdef bint as_stored = csa == 1 and rsa >= k  # not A^T (gemm's lda >= k when k == 1)
     if floating is float and _hand_product(m, k, not as_stored):
-        nnf_sgemm_nn(m, n, k, alpha, a, rsa, csa, b, n, c, n, accumulate)
+        nnf_sgemm_nn(m, n, k, alpha, a, rsa, csa, b, ldb, c, ldc, accumulate)
     elif as_stored:
-        _gemm(False, False, <int>m, n, <int>k, alpha, <floating*>a, <int>rsa, <floating*>b, n,
-              <floating>(1 if accumulate else 0), c, n)
+        _gemm(False, False, <int>m, n, <int>k, alpha, <floating*>a, <int>rsa, <floating*>b,
+              <int>ldb, <floating>(1 if accumulate else 0), c, <int>ldc)
     else:
-        _gemm(True, False, <int>m, n, <int>k, alpha, <floating*>a, <int>csa, <floating*>b, n,
-              <floating>(1 if accumulate else 0), c, n)
+        _gemm(True, False, <int>m, n, <int>k, alpha, <floating*>a, <int>csa, <floating*>b,
+              <int>ldb, <floating>(1 if accumulate else 0), c, <int>ldc)
+
+
+cdef inline void _small_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
+                           const floating* a, Py_ssize_t rsa, Py_ssize_t csa,
+                           const floating* b, floating* c, bint accumulate) noexcept nogil:
+    """``_small_nn_ld`` with B (k, n) and C (m, n) contiguous."""
+    _small_nn_ld(m, n, k, alpha, a, rsa, csa, b, n, c, n, accumulate)
 
 
 cdef void _matmul_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha, const floating* a,
@@ -404,17 +412,25 @@ cdef void _matmul_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha, const fl
                              c + <Py_ssize_t>lo * n, n, accumulate)
 
 
-cdef inline void _small_nt(Py_ssize_t m, int n, int k, const floating* a, const floating* b,
-                           floating* c, floating* scratch) noexcept nogil:
+cdef inline void _small_nt_ld(Py_ssize_t m, int n, int k, const floating* a, Py_ssize_t lda,
+                              const floating* b, Py_ssize_t ldb, floating* c, Py_ssize_t ldc,
+                              floating* scratch) noexcept nogil:
     """C[m, n] = A @ B^T for small operands, serially.
-    # IN  a: A, (m, k) row-major;  b: B, (n, k) row-major
-    # OUT c: C, (m, n) row-major;  scratch: room for k * n values (B^T when k is short)"""
+    # IN  a: A, (m, k), rows lda apart;  b: B, (n, k), rows ldb apart
+    # OUT c: C, (m, n), rows ldc apart;  scratch: room for k * n values (B^T when k is
+    #     short)"""
     if (floating is float and NNF_HAVE_SMALL_GEMM and HAND_NT_ROWS > 0
             and (m <= HAND_NT_ROWS or k < 16)):
-        nnf_sgemm_nt(m, n, k, 1, a, k, b, k, c, n, 0, scratch)
+        nnf_sgemm_nt(m, n, k, 1, a, lda, b, ldb, c, ldc, 0, scratch)
     else:
-        _gemm(False, True, <int>m, n, k, <floating>1, <floating*>a, k, <floating*>b, k,
-              <floating>0, c, n)
+        _gemm(False, True, <int>m, n, k, <floating>1, <floating*>a, <int>lda, <floating*>b,
+              <int>ldb, <floating>0, c, <int>ldc)
+
+
+cdef inline void _small_nt(Py_ssize_t m, int n, int k, const floating* a, const floating* b,
+                           floating* c, floating* scratch) noexcept nogil:
+    """``_small_nt_ld`` with A (m, k), B (n, k) and C (m, n) contiguous."""
+    _small_nt_ld(m, n, k, a, k, b, k, c, n, scratch)
 
 
 # ----------------------------------------------------------------------------------
@@ -981,6 +997,8 @@ cdef struct Net:
     void* unit_blocks         # the team's private blocks (_unit_block), then the partials
     void* unit_blocks_mem
     int unit_blocks_team      # the team size unit_blocks is laid out for (0: none yet)
+    Py_ssize_t unit_blocks_rows  # and the batch size
+    Py_ssize_t unit_rows      # batch rows the tail copies hold (the largest batch taken)
     int* unit_stop            # per thread: its loss was not finite (2 * scratch_threads:
                               # samples of even and odd index, see _unit_split_worker)
     int64_t unit_iterations   # iterations trained by the unit split
@@ -1719,8 +1737,8 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
     samples] of the open accumulation group, carried across calls. Returns the index of
     an iteration whose loss was not finite (it stopped there), else -1.
 
-    Batch 1 with plain SGD on several threads runs as one parallel region instead
-    (``_unit_split_threads``, ``_unit_split_run``). Elsewhere, where
+    Batches of 1 to UNIT_SPLIT_MAX_BATCH rows with plain SGD on several threads run as
+    one parallel region instead (``_unit_split_threads``, ``_unit_split_run``). Elsewhere, where
     ``_first_layer_fusable``, batch it + 1 is fetched before batch it runs, and
     batch it's first-layer backward computes batch it + 1's first product
     (``first_ready`` for the next iteration); within one call only, so the workspace
@@ -1734,9 +1752,10 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
         Batch bufs = Batch(<void*>xbuf, <void*>tbuf, lbuf)
         int team
     team = _unit_split_threads(net, bs, accumulate, fold_ok, group)
-    if team > 0 and it1 - it0 >= UNIT_SPLIT_MIN_ITERATIONS and _unit_blocks_room(net, X, team) == 0:
-        return _unit_split_run(net, X, d, T, kt, labels, order, it0, it1, loss, opt,
-                               out_loss, out_correct, steps, team)
+    if (team > 0 and it1 - it0 >= UNIT_SPLIT_MIN_ITERATIONS
+            and _unit_blocks_room(net, X, team, bs) == 0):
+        return _unit_split_run(net, X, d, T, kt, labels, order, n_samples, bs, it0, it1,
+                               loss, opt, out_loss, out_correct, steps, team)
     # with the fused first-layer pass, batch it + 1 is gathered while batch it is still in
     # use: the two take turns in the plan's buffers and the net's own small ones
     spare = Batch(net.next_x, net.next_t, net.next_labels)
@@ -1810,8 +1829,8 @@ cdef Batch _fetch_batch(const floating* X, Py_ssize_t d, const floating* T, Py_s
     return b
 
 
-# The unit split: batch 1 with plain SGD on several threads, the whole run in one
-# parallel region with one barrier per sample. Thread t owns a block U_t of the first
+# The unit split: small batches (1 to UNIT_SPLIT_MAX_BATCH rows) with plain SGD on
+# several threads, the whole run in one parallel region with one barrier per batch. Thread t owns a block U_t of the first
 # hidden layer's units: columns U_t of W0 and b0 and rows U_t of W1. Its forward
 # (z0[U_t], a0[U_t], a0[U_t] @ W1[U_t] as a partial of z1), its backward below z1
 # (dX of layer 1 on its rows, which is d a0[U_t], and the steps of its rows of W1 and
@@ -1822,7 +1841,14 @@ cdef Batch _fetch_batch(const floating* X, Py_ssize_t d, const floating* T, Py_s
 # parameters, with identical inputs, operations and alignment, so every copy takes the
 # same values; thread 0's copy is the model's own arrays. The row-split hand loops need
 # three fork/joins per sample and leave the tail to one thread while the others wait
-# (A/1 on 2 threads: libgomp spin-waits 14 % of the samples).
+# (A/1 on 2 threads: libgomp spin-waits 14 % of the samples). Batches of m rows do the
+# same for the m rows at once (_unit_batch_worker): against the row split and hand loops
+# (in-process A/B, 2 threads), A/8 1.70x, A/32 1.39x, A/64 1.30x, B/32 2.39x, B/64
+# 2.03x; A/2 0.91-1.02x and B/8 0.98x; A/128 0.90x (where gemm wins), hence the limit.
+# The row split moves W's rows and the batch's activations between the cores every
+# batch; here only the partials of z1 cross, which also keeps it fast when the VM's
+# cores are slow to talk to each other (B/32 in such a spell: 1.95M samples/s against
+# the row split's 0.82M).
 cdef bint UNIT_SPLIT = True
 # fewest first-layer units a thread gets, and the largest tail (parameters replicated
 # on every thread: the tail is not split, every thread computes all of it)
@@ -1832,17 +1858,26 @@ cdef Py_ssize_t UNIT_SPLIT_MAX_TAIL = 16384
 cdef Py_ssize_t UNIT_SPLIT_MIN_PARAMS = 0
 # fewest iterations in a run (each run copies W0 into the threads' blocks and back)
 cdef Py_ssize_t UNIT_SPLIT_MIN_ITERATIONS = 64
+# the largest batch it takes (plans made later hold that many rows in the tail copies)
+cdef Py_ssize_t UNIT_SPLIT_MAX_BATCH = 64
 
 
-def _set_unit_split(bint on, Py_ssize_t min_params=-1):
+def _set_unit_split(bint on, Py_ssize_t min_params=-1, Py_ssize_t min_iterations=-1,
+                    Py_ssize_t max_batch=-1):
     """Turn the unit split (``_unit_split_run``) on or off, and optionally set the
-    smallest first two layers (in weights) that take it; for measuring it and for
-    testing both paths. Returns the previous (on, min_params)."""
-    global UNIT_SPLIT, UNIT_SPLIT_MIN_PARAMS
-    old = (UNIT_SPLIT, UNIT_SPLIT_MIN_PARAMS)
+    smallest first two layers (in weights) that take it, the fewest iterations of a run
+    and the largest batch; for measuring it and for testing both paths. Returns the
+    previous (on, min_params, min_iterations, max_batch). The largest batch applies to
+    plans made after the call (a plan's tail copies hold that many rows)."""
+    global UNIT_SPLIT, UNIT_SPLIT_MIN_PARAMS, UNIT_SPLIT_MIN_ITERATIONS, UNIT_SPLIT_MAX_BATCH
+    old = (UNIT_SPLIT, UNIT_SPLIT_MIN_PARAMS, UNIT_SPLIT_MIN_ITERATIONS, UNIT_SPLIT_MAX_BATCH)
     UNIT_SPLIT = on
     if min_params >= 0:
         UNIT_SPLIT_MIN_PARAMS = min_params
+    if min_iterations >= 1:
+        UNIT_SPLIT_MIN_ITERATIONS = min_iterations
+    if max_batch >= 1:
+        UNIT_SPLIT_MAX_BATCH = max_batch
     return old
 
 
@@ -1858,12 +1893,13 @@ cdef inline Py_ssize_t _unit_tail_params(Net* net) noexcept nogil:
 
 cdef inline int _unit_split_threads(Net* net, Py_ssize_t bs, int accumulate, bint fold_ok,
                                     const int64_t* group) noexcept nogil:
-    """Threads for a unit-split run, or 0 when the run does not take it: batch 1 and
-    plain SGD stepping every sample (the steps of different threads' blocks then need no
-    ordering), at least two threads with UNIT_SPLIT_MIN_UNITS units each."""
+    """Threads for a unit-split run, or 0 when the run does not take it: batches of at
+    most ``unit_rows`` and plain SGD stepping every batch (the steps of different
+    threads' blocks then need no ordering), at least two threads with
+    UNIT_SPLIT_MIN_UNITS units each."""
     cdef int t = min(_num_threads, net.scratch_threads)
-    if (not UNIT_SPLIT or net.unit_view == NULL or bs != 1 or accumulate != 1
-            or not fold_ok or group[0] != 0 or t < 2):
+    if (not UNIT_SPLIT or net.unit_view == NULL or bs < 1 or bs > net.unit_rows
+            or accumulate != 1 or not fold_ok or group[0] != 0 or t < 2):
         return 0
     if (<double>net.width[0] * net.width[1] + <double>net.width[1] * net.width[2]
             < UNIT_SPLIT_MIN_PARAMS):
@@ -1894,23 +1930,44 @@ cdef inline Py_ssize_t _unit_ld(Net* net, const floating* typed, int t,
             + q - 1) // q * q
 
 
-cdef floating* _unit_block(Net* net, const floating* typed, int t, int team) noexcept nogil:
-    """Thread t's private block: width[0] rows of ``_unit_ld`` values (its columns of
-    W0), then four rows for its slices of z0, a0, d z0 and b0. The team's blocks lie
-    one after another in ``unit_blocks``, each row on its own cache lines: nothing a thread
-    writes every sample shares a line with another thread's (on Z0, 4 lines of 64
-    bytes written by both threads made A/1's first-layer pass 2-3x slower)."""
-    return <floating*>net.unit_blocks + _unit_block_offset(net, typed, t, team)
+cdef inline Py_ssize_t _up(Py_ssize_t v, Py_ssize_t q) noexcept nogil:
+    return (v + q - 1) // q * q
+
+
+cdef floating* _unit_block(Net* net, const floating* typed, int t, int team,
+                           Py_ssize_t rows) noexcept nogil:
+    """Thread t's private block for batches of ``rows``: width[0] rows of ``_unit_ld``
+    values (its columns of W0), then ``rows`` rows each of its slices of z0, a0 and
+    d z0, one row for its slice of b0, and with rows > 1 its copy of the batch
+    (``_unit_batch_parts``). The team's blocks lie one after another in
+    ``unit_blocks``, each row on its own cache lines: nothing a thread writes every
+    sample shares a line with another thread's (on Z0, 4 lines of 64 bytes written by
+    both threads made A/1's first-layer pass 2-3x slower)."""
+    return <floating*>net.unit_blocks + _unit_block_offset(net, typed, t, team, rows)
+
+
+cdef inline Py_ssize_t _unit_batch_len(Net* net, const floating* typed, int t, int team,
+                                       Py_ssize_t rows) noexcept nogil:
+    """Values of a block's copy of the batch (rows > 1): X's rows, T's rows, the labels
+    (int64) and room for the transpose of W1's rows in ``_small_nt_ld``, each part on
+    whole cache lines."""
+    cdef Py_ssize_t q = 64 // sizeof(floating)
+    if rows <= 1:
+        return 0
+    return (rows * _up(net.width[0], q) + rows * _up(net.width[net.n_layers], q)
+            + _up(rows * 8 // sizeof(floating), q)
+            + _up(<Py_ssize_t>net.width[2] * _unit_ld(net, typed, t, team), q))
 
 
 cdef inline Py_ssize_t _unit_block_offset(Net* net, const floating* typed, int t,
-                                          int team) noexcept nogil:
+                                          int team, Py_ssize_t rows) noexcept nogil:
     cdef:
         Py_ssize_t off = 0
         int s
     for s in range(t):
-        off += _unit_ld(net, typed, s, team)
-    return off * (net.width[0] + 4)
+        off += (_unit_ld(net, typed, s, team) * (net.width[0] + 3 * rows + 1)
+                + _unit_batch_len(net, typed, s, team, rows))
+    return off
 
 
 cdef inline Py_ssize_t _unit_partial_ld(Net* net, const floating* typed) noexcept nogil:
@@ -1919,28 +1976,33 @@ cdef inline Py_ssize_t _unit_partial_ld(Net* net, const floating* typed) noexcep
     return (net.width[2] + q - 1) // q * q
 
 
-cdef inline floating* _unit_partials(Net* net, const floating* typed, int team) noexcept nogil:
-    """The partials of z1, after the team's blocks: two sets (alternating samples) of
-    ``team`` rows of ``_unit_partial_ld``."""
-    return _unit_block(net, typed, team, team)
+cdef inline floating* _unit_partials(Net* net, const floating* typed, int team,
+                                     Py_ssize_t rows) noexcept nogil:
+    """The partials of z1, after the team's blocks: two sets (alternating iterations)
+    of ``team`` times ``rows`` rows of ``_unit_partial_ld``."""
+    return _unit_block(net, typed, team, team, rows)
 
 
-cdef int _unit_blocks_room(Net* net, const floating* typed, int team) noexcept nogil:
-    """``unit_blocks`` sized for a team of ``team`` (allocated on the first unit-split run
-    and when the team changes); -1 when out of memory."""
+cdef int _unit_blocks_room(Net* net, const floating* typed, int team,
+                           Py_ssize_t rows) noexcept nogil:
+    """``unit_blocks`` sized for a team of ``team`` and batches of ``rows`` (allocated on
+    the first unit-split run and when either changes); -1 when out of memory."""
     cdef Py_ssize_t total
-    if net.unit_blocks != NULL and net.unit_blocks_team == team:
+    if (net.unit_blocks != NULL and net.unit_blocks_team == team
+            and net.unit_blocks_rows == rows):
         return 0
-    total = (_unit_block_offset(net, typed, team, team)
-             + 2 * team * _unit_partial_ld(net, typed))
+    total = (_unit_block_offset(net, typed, team, team, rows)
+             + 2 * team * rows * _unit_partial_ld(net, typed))
     nnf_free_huge(net.unit_blocks_mem)
     net.unit_blocks = NULL
     net.unit_blocks_team = 0
+    net.unit_blocks_rows = 0
     net.unit_blocks_mem = nnf_alloc_huge(total * sizeof(floating))
     if net.unit_blocks_mem == NULL:
         return -1
     net.unit_blocks = net.unit_blocks_mem
     net.unit_blocks_team = team
+    net.unit_blocks_rows = rows
     return 0
 
 cdef inline void _forward4_skip(const floating* xr, const floating* w, Py_ssize_t ld,
@@ -2017,43 +2079,58 @@ cdef inline void* _part(void** view, int L, int part, int l) noexcept nogil:
 
 
 cdef double _unit_tail_forward(Net* net, void** view, const floating* partial,
-                               Py_ssize_t pld, int team, const floating* t,
-                               const int64_t* label, int loss) noexcept nogil:
-    """z1 = the team's partials summed in thread order, then b1 and the layers above on
-    this thread's copy (``view``), the loss and its gradient in view's G[last]."""
+                               Py_ssize_t pld, Py_ssize_t pstride, int team, Py_ssize_t m,
+                               const floating* t, const int64_t* label,
+                               int loss) noexcept nogil:
+    """z1 (m rows) = the team's partials summed in thread order (thread p's row r at
+    partial + p * pstride + r * pld), then b1 and the layers above on this thread's
+    copy (``view``), the loss and its gradient in view's G[last]. t and label: the m
+    rows' targets or labels, one after another."""
     cdef:
         int L = net.n_layers, last = L - 1, l, k, n, n2 = net.width[2], p
-        Py_ssize_t e
+        Py_ssize_t e, r
         floating* z1 = <floating*>_part(view, L, V_Z, 1)
+        floating* zr
         floating* z
         floating* a
         const floating* part
         const floating* inp
-    memcpy(z1, partial, n2 * sizeof(floating))
-    for p in range(1, team):
-        part = partial + p * pld
-        for e in range(n2):
-            z1[e] = z1[e] + part[e]
+    for r in range(m):
+        zr = z1 + r * n2
+        memcpy(zr, partial + r * pld, n2 * sizeof(floating))
+        for p in range(1, team):
+            part = partial + p * pstride + r * pld
+            for e in range(n2):
+                zr[e] = zr[e] + part[e]
     inp = <floating*>_part(view, L, V_A, 1)
     _bias_activate_rows(z1, <floating*>_part(view, L, V_B, 1), <floating*>inp, n2,
-                        net.act[1], 0, 1)
+                        net.act[1], 0, m)
     for l in range(2, L):
         k = net.width[l]
         n = net.width[l + 1]
         z = <floating*>_part(view, L, V_Z, l)
         a = <floating*>_part(view, L, V_A, l)
-        _small_forward_rows(inp, 1, k, n, <floating*>_part(view, L, V_W, l), z, 0, k)
-        _bias_activate_rows(z, <floating*>_part(view, L, V_B, l), a, n, net.act[l], 0, 1)
+        _small_forward_rows(inp, m, k, n, <floating*>_part(view, L, V_W, l), z, 0, k)
+        _bias_activate_rows(z, <floating*>_part(view, L, V_B, l), a, n, net.act[l], 0, m)
         inp = a
     return _loss_rows(<floating*>_part(view, L, V_Z, last), <floating*>inp, <floating*>t,
                       <int64_t*>label, <floating*>_part(view, L, V_G, last), net.width[L],
-                      loss, net.act[last], 0, 1)
+                      loss, net.act[last], 0, m)
 
 
-cdef void _unit_tail_backward(Net* net, void** view, OptSpec* opt,
+cdef inline void _step_bias(floating* bias, floating neg, const floating* g, Py_ssize_t m,
+                            Py_ssize_t ld, Py_ssize_t n) noexcept nogil:
+    """bias += neg * g[r] for the m rows of g (ld apart), in row order."""
+    cdef Py_ssize_t r
+    for r in range(m):
+        _axpy(bias, neg, g + r * ld, n)
+
+
+cdef void _unit_tail_backward(Net* net, void** view, OptSpec* opt, Py_ssize_t m,
                               floating neg) noexcept nogil:
-    """Backward and plain SGD step of the tail on this thread's copy: layers last..2
-    (each leaves the gradient below it in view's G), then b1; view's G[1] is dz1."""
+    """Backward and plain SGD step (neg = -lr / m) of the tail for m rows on this
+    thread's copy: layers last..2 (each leaves the gradient below it in view's G), then
+    b1; view's G[1] is dz1."""
     cdef:
         int L = net.n_layers, l, k, n
         floating* a_prev
@@ -2063,12 +2140,12 @@ cdef void _unit_tail_backward(Net* net, void** view, OptSpec* opt,
         n = net.width[l + 1]
         a_prev = <floating*>_part(view, L, V_A, l - 1)
         g = <floating*>_part(view, L, V_G, l)
-        _small_backward_rows(a_prev, g, 1, k, n, <floating*>_part(view, L, V_W, l),
+        _small_backward_rows(a_prev, g, m, k, n, <floating*>_part(view, L, V_W, l),
                              <floating*>net.dW[l], <floating*>_part(view, L, V_G, l - 1),
-                             a_prev, net.act[l - 1], opt, 2 * l, True, True, 1.0, 0, k)
-        _axpy(<floating*>_part(view, L, V_B, l), neg, g, n)
-    _axpy(<floating*>_part(view, L, V_B, 1), neg, <floating*>_part(view, L, V_G, 1),
-          net.width[2])
+                             a_prev, net.act[l - 1], opt, 2 * l, True, True, 1.0 / m, 0, k)
+        _step_bias(<floating*>_part(view, L, V_B, l), neg, g, m, n, n)
+    _step_bias(<floating*>_part(view, L, V_B, 1), neg, <floating*>_part(view, L, V_G, 1), m,
+               net.width[2], net.width[2])
 
 
 cdef inline bint _unit_stopped(Net* net, int team, Py_ssize_t it) noexcept nogil:
@@ -2099,14 +2176,14 @@ cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const fl
         int n0 = net.width[0], n1 = net.width[1], n2 = net.width[2], n_out = net.width[L]
         floating* w0 = <floating*>net.W[0]
         floating* w1
-        floating* partial = _unit_partials(net, w0, team)
+        floating* partial = _unit_partials(net, w0, team, 1)
         floating neg = <floating>(-opt.lr)
         void** view = net.unit_view + tid * 5 * L
         Py_ssize_t c0 = _unit_bound(net, w0, tid, team)
         Py_ssize_t c1 = _unit_bound(net, w0, tid + 1, team), units = c1 - c0
         Py_ssize_t ld = _unit_ld(net, w0, tid, team), pld = _unit_partial_ld(net, w0)
         Py_ssize_t it, row, i
-        floating* block = _unit_block(net, w0, tid, team)
+        floating* block = _unit_block(net, w0, tid, team, 1)
         floating* z = block + n0 * ld  # this thread's z0[U_t], a0[U_t], d z0[U_t], b0[U_t]
         floating* a = z + ld
         floating* g = a + ld
@@ -2139,8 +2216,8 @@ cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const fl
         row = order[it] if order != NULL else it
         t = T + row * kt if T != NULL else NULL
         label = labels + row if labels != NULL else NULL
-        total = _unit_tail_forward(net, view, partial + (it & 1) * team * pld, pld, team, t,
-                                   label, loss)
+        total = _unit_tail_forward(net, view, partial + (it & 1) * team * pld, pld, pld, team,
+                                   1, t, label, loss)
         if tid == 0:
             out_loss[it - it0] = total
             if out_correct != NULL:
@@ -2153,7 +2230,7 @@ cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const fl
             stop = True
             net.unit_stop[(it & 1) * team + tid] = 1
             continue
-        _unit_tail_backward(net, view, opt, neg)
+        _unit_tail_backward(net, view, opt, 1, neg)
         # rows U_t of W1: d a0[U_t] (with a0's slope: d z0[U_t]) and their step
         _small_backward_rows(a, <floating*>_part(view, L, V_G, 1), 1, <int>units, n2, w1,
                              <floating*>net.dW[1] + c0 * n2, g, a, net.act[0], opt, 2,
@@ -2173,16 +2250,129 @@ cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const fl
     memcpy(<floating*>net.G[0] + c0, g, units * sizeof(floating))
 
 
+cdef void _unit_batch_worker(Net* net, const floating* X, Py_ssize_t d, const floating* T,
+                             Py_ssize_t kt, const int64_t* labels, const int64_t* order,
+                             Py_ssize_t n_samples, Py_ssize_t bs, Py_ssize_t it0,
+                             Py_ssize_t it1, int loss, OptSpec* opt, double* out_loss,
+                             int64_t* out_correct, Py_ssize_t* failed) noexcept nogil:
+    """``_unit_split_worker`` for batches of 2..``unit_rows`` rows (iteration it: rows
+    it * bs .. of the epoch, the last one possibly short). Each thread copies the batch
+    (X's rows, and T's rows or the labels) into its block, then per batch:
+    z0[:, U_t] = X @ W0[:, U_t] and a0, its partial a0[:, U_t] @ W1[U_t] of z1; the
+    barrier; the tail on its own copy (as at batch 1, for m rows); then
+    d z0[:, U_t] = (dz1 @ W1[U_t]^T) * act', and the steps W1[U_t] -= lr/m a0^T dz1,
+    b0[U_t] -= lr/m sum of d z0, W0[:, U_t] -= lr/m X^T d z0 (the products are the
+    serial small kernels; the W0 block stays in this core's cache from batch to
+    batch)."""
+    cdef:
+        int tid = nnf_thread_num(), team = nnf_team_size(), L = net.n_layers
+        int n0 = net.width[0], n1 = net.width[1], n2 = net.width[2], n_out = net.width[L]
+        Py_ssize_t q = 64 // sizeof(floating)
+        floating* w0 = <floating*>net.W[0]
+        floating* w1
+        floating* partial = _unit_partials(net, w0, team, bs)
+        floating* part
+        floating* dz1
+        floating neg
+        void** view = net.unit_view + tid * 5 * L
+        Py_ssize_t c0 = _unit_bound(net, w0, tid, team)
+        Py_ssize_t c1 = _unit_bound(net, w0, tid + 1, team), units = c1 - c0
+        Py_ssize_t ld = _unit_ld(net, w0, tid, team), pld = _unit_partial_ld(net, w0)
+        Py_ssize_t xld = _up(n0, q), tld = _up(n_out, q)
+        Py_ssize_t it, r, i, row, start, m = 0, xs
+        floating* block = _unit_block(net, w0, tid, team, bs)
+        floating* z = block + n0 * ld  # this thread's z0, a0, d z0 (bs rows each), b0
+        floating* a = z + bs * ld
+        floating* g = a + bs * ld
+        floating* b = g + bs * ld
+        floating* xb = b + ld          # the batch: X's rows, T's rows, the labels
+        floating* tb = xb + bs * xld
+        int64_t* lb = <int64_t*>(tb + bs * tld)
+        floating* nt_scratch = <floating*>lb + _up(bs * 8 // sizeof(floating), q)
+        const floating* x
+        const floating* t
+        const int64_t* label
+        double total
+        bint stop = False
+    w1 = <floating*>net.W[1] + c0 * n2  # rows U_t of W1
+    for i in range(n0):
+        memcpy(block + i * ld, w0 + i * n1 + c0, units * sizeof(floating))
+    memcpy(b, <floating*>net.b[0] + c0, units * sizeof(floating))
+    for it in range(it0, it1):
+        start = it * bs
+        m = min(bs, n_samples - start)
+        if order == NULL:  # the batch lies in X, T and labels as it is (kt == n_out)
+            x = X + start * d
+            xs = d
+            t = T + start * kt if T != NULL else NULL
+            label = labels + start if labels != NULL else NULL
+        else:  # (T's rows one after another, as _loss_rows reads them)
+            for r in range(m):
+                row = order[start + r]
+                memcpy(xb + r * xld, X + row * d, n0 * sizeof(floating))
+                if T != NULL:
+                    memcpy(tb + r * n_out, T + row * kt, n_out * sizeof(floating))
+                if labels != NULL:
+                    lb[r] = labels[row]
+            x = xb
+            xs = xld
+            t = tb if T != NULL else NULL
+            label = lb if labels != NULL else NULL
+        if not stop:
+            _small_nn_ld(m, <int>units, n0, <floating>1, x, xs, 1, block, ld, z, ld, False)
+            for r in range(m):
+                _bias_activate_rows(z + r * ld, b, a + r * ld, <int>units, net.act[0], 0, 1)
+            part = partial + ((it & 1) * team + tid) * bs * pld
+            _small_nn_ld(m, n2, units, <floating>1, a, ld, 1, w1, n2, part, pld, False)
+        nnf_barrier()
+        # the flags of the previous iteration (as in _unit_split_worker)
+        if it > it0 and _unit_stopped(net, team, it - 1):
+            if tid == 0:
+                failed[0] = it - 1
+            break
+        total = _unit_tail_forward(net, view, partial + (it & 1) * team * bs * pld, pld,
+                                   bs * pld, team, m, t, label, loss)
+        if tid == 0:
+            out_loss[it - it0] = total
+            if out_correct != NULL:
+                out_correct[it - it0] = _count_correct(
+                    <floating*>_part(view, L, V_A, L - 1), t, label, m, n_out, loss)
+        if isnan(total) or isinf(total):
+            stop = True
+            net.unit_stop[(it & 1) * team + tid] = 1
+            continue
+        neg = <floating>(-opt.lr * (1.0 / m))
+        _unit_tail_backward(net, view, opt, m, neg)
+        dz1 = <floating*>_part(view, L, V_G, 1)
+        # d a0[:, U_t] through W1's rows U_t before they are stepped, then act'
+        _small_nt_ld(m, <int>units, n2, dz1, n2, w1, n2, g, ld, nt_scratch)
+        for r in range(m):
+            _scale_by_slope_rows(g + r * ld, a + r * ld, <int>units, net.act[0], 0, 1)
+        _small_nn_ld(units, n2, m, neg, a, 1, ld, dz1, n2, w1, n2, True)
+        _step_bias(b, neg, g, m, ld, units)
+        _small_nn_ld(n0, <int>units, m, neg, x, 1, xs, g, ld, block, ld, True)
+    nnf_barrier()  # (a loss of the run's last batch is seen here)
+    if tid == 0 and failed[0] < 0 and _unit_stopped(net, team, it1 - 1):
+        failed[0] = it1 - 1
+    for i in range(n0):
+        memcpy(w0 + i * n1 + c0, block + i * ld, units * sizeof(floating))
+    memcpy(<floating*>net.b[0] + c0, b, units * sizeof(floating))
+    for r in range(m):
+        memcpy(<floating*>net.Z[0] + r * n1 + c0, z + r * ld, units * sizeof(floating))
+        memcpy(<floating*>net.A[0] + r * n1 + c0, a + r * ld, units * sizeof(floating))
+        memcpy(<floating*>net.G[0] + r * n1 + c0, g + r * ld, units * sizeof(floating))
+
+
 cdef Py_ssize_t _unit_split_run(Net* net, const floating* X, Py_ssize_t d,
                                 const floating* T, Py_ssize_t kt, const int64_t* labels,
-                                const int64_t* order, Py_ssize_t it0, Py_ssize_t it1,
-                                int loss, OptSpec* opt, double* out_loss,
-                                int64_t* out_correct, int64_t* steps,
+                                const int64_t* order, Py_ssize_t n_samples, Py_ssize_t bs,
+                                Py_ssize_t it0, Py_ssize_t it1, int loss, OptSpec* opt,
+                                double* out_loss, int64_t* out_correct, int64_t* steps,
                                 int team) noexcept nogil:
-    """Iterations it0..it1-1 of a batch-1 plain-SGD epoch in one parallel region of
-    ``team`` threads (see the notes above ``UNIT_SPLIT``); the result of ``_net_run``.
-    Within each block the operations are those of the hand loops on one thread; z1's
-    terms are summed per block and then across blocks."""
+    """Iterations it0..it1-1 of a plain-SGD epoch of batches of ``bs`` in one parallel
+    region of ``team`` threads (see the notes above ``UNIT_SPLIT``); the result of
+    ``_net_run``. At batch 1, within each block the operations are those of the hand
+    loops on one thread; z1's terms are summed per block and then across blocks."""
     cdef:
         int L = net.n_layers, p, l
         Py_ssize_t failed = -1, done
@@ -2195,9 +2385,14 @@ cdef Py_ssize_t _unit_split_run(Net* net, const floating* X, Py_ssize_t d,
             if l >= 2:
                 memcpy(view[V_W * L + l], net.W[l],
                        <Py_ssize_t>net.width[l] * net.width[l + 1] * sizeof(floating))
-    with parallel(num_threads=team):
-        _unit_split_worker(net, X, d, T, kt, labels, order, it0, it1, loss, opt, out_loss,
-                           out_correct, &failed)
+    if bs == 1:
+        with parallel(num_threads=team):
+            _unit_split_worker(net, X, d, T, kt, labels, order, it0, it1, loss, opt,
+                               out_loss, out_correct, &failed)
+    else:
+        with parallel(num_threads=team):
+            _unit_batch_worker(net, X, d, T, kt, labels, order, n_samples, bs, it0, it1,
+                               loss, opt, out_loss, out_correct, &failed)
     done = (failed if failed >= 0 else it1) - it0
     opt.step += done
     steps[0] += done
@@ -2220,16 +2415,17 @@ cdef inline char* _like(char** cursor, const void* orig, size_t nbytes) noexcept
 cdef int _unit_split_alloc(Net* net, size_t item) noexcept nogil:
     """The unit split's buffers (``_unit_split_run``): per thread a view of W, b, Z, A, G
     for every layer, thread 0's the net's own arrays, the others' private copies of the
-    tail (b and one row of Z, A, G from layer 1 on, W from layer 2 on). Returns -1 when
+    tail (b and ``unit_rows`` rows of Z, A, G from layer 1 on, W from layer 2 on; unit_rows
+    is the smallest of the capacity and UNIT_SPLIT_MAX_BATCH). Returns -1 when
     out of memory (the net then keeps the other paths)."""
     cdef:
         int T = net.scratch_threads, L = net.n_layers, t, l
-        size_t per = 0, nb, nw
+        size_t per = 0, nb, nw, rows = <size_t>min(net.capacity, UNIT_SPLIT_MAX_BATCH)
         char* cursor
         void** view
     for l in range(1, L):
         nb = net.width[l + 1] * item
-        per += 4 * (_round64(nb) + 64)
+        per += (_round64(nb) + 64) + 3 * (_round64(rows * nb) + 64)
         if l >= 2:
             per += _round64(<size_t>net.width[l] * nb) + 64
     net.unit_view = <void**>calloc(T * 5 * L, sizeof(void*))
@@ -2255,11 +2451,12 @@ cdef int _unit_split_alloc(Net* net, size_t item) noexcept nogil:
         for l in range(1, L):
             nb = net.width[l + 1] * item
             view[V_B * L + l] = _like(&cursor, net.b[l], nb)
-            view[V_Z * L + l] = _like(&cursor, net.Z[l], nb)
-            view[V_A * L + l] = _like(&cursor, net.A[l], nb)
-            view[V_G * L + l] = _like(&cursor, net.G[l], nb)
+            view[V_Z * L + l] = _like(&cursor, net.Z[l], rows * nb)
+            view[V_A * L + l] = _like(&cursor, net.A[l], rows * nb)
+            view[V_G * L + l] = _like(&cursor, net.G[l], rows * nb)
             if l >= 2:
                 view[V_W * L + l] = _like(&cursor, net.W[l], <size_t>net.width[l] * nb)
+    net.unit_rows = <Py_ssize_t>rows
     return 0
 
 
@@ -2370,6 +2567,8 @@ cdef class NetworkPlan:
         self.net.unit_blocks = NULL
         self.net.unit_blocks_mem = NULL
         self.net.unit_blocks_team = 0
+        self.net.unit_blocks_rows = 0
+        self.net.unit_rows = 0
         self.net.unit_stop = NULL
         if (L >= 2 and self.net.width[1] >= 2 * UNIT_SPLIT_MIN_UNITS
                 and _unit_tail_params(&self.net) <= UNIT_SPLIT_MAX_TAIL):

@@ -1,8 +1,8 @@
-"""The unit split (issue 4, batch-1 fast path on several threads).
+"""The unit split (issue 4, small-batch fast path on several threads).
 
-At batch 1 with plain SGD, ``_net_run`` hands a run of iterations to one parallel
+At batch 1 to 64 with plain SGD, ``_net_run`` hands a run of iterations to one parallel
 region (``_unit_split_run``): each thread owns a block of the first hidden layer's units
-(columns of W0 and b0, rows of W1), the threads meet once per sample to sum their
+(columns of W0 and b0, rows of W1), the threads meet once per batch to sum their
 partials of layer 1's output, and every thread then runs the rest of the network (the
 "tail") on its own copy of the tail's parameters. It must train what the row-split hand
 loops and the NumPy backend train (the sums of layer 1's output are split by blocks, so
@@ -217,7 +217,7 @@ def test_workspace_holds_the_last_sample_after_a_unit_split_run(team):
 
 
 @pytest.mark.parametrize("case", ["accumulate", "momentum", "weight_decay", "adam",
-                                  "batch2", "one_thread", "short_run", "few_units"])
+                                  "batch65", "one_thread", "short_run", "few_units"])
 def test_unit_split_is_taken_only_where_it_applies(case):
     sizes = (100, 24, 3) if case == "few_units" else (100, 64, 3)
     X, y = data(sizes, np.float64, n=40 if case == "short_run" else 150)
@@ -225,17 +225,21 @@ def test_unit_split_is_taken_only_where_it_applies(case):
            "weight_decay": nf.SGD(lr=0.05, weight_decay=1e-3),
            "adam": nf.Adam(lr=1e-3)}.get(case, nf.SGD(lr=0.05))
     kw = {"accumulate": 2} if case == "accumulate" else {}
+    if case == "batch65":  # runs of 3 iterations allowed: only the batch size says no
+        kw["batch_size"] = 65
+        old = _kernels._set_unit_split(True, -1, 1)
     before = nf.get_num_threads()
     nf.set_num_threads(1 if case == "one_thread" else 2)
     try:
         m = make(sizes, np.float64)
         w0 = m.get_weights()
-        h = train(m, X, y, True, optimizer=opt, batch_size=2 if case == "batch2" else 1,
-                  **kw)
+        h = train(m, X, y, True, optimizer=opt, **kw)
         assert ran(m) == 0
         assert h.steps > 0 and not np.array_equal(m.get_weights()[0], w0[0])
     finally:
         nf.set_num_threads(before)
+        if case == "batch65":
+            _kernels._set_unit_split(*old)
 
 
 def test_unit_split_setting_returns_the_previous_one():
@@ -244,5 +248,153 @@ def test_unit_split_setting_returns_the_previous_one():
         assert _kernels._set_unit_split(True)[0] is False
         assert _kernels._set_unit_split(True, 5)[1] == old[1]
         assert _kernels._set_unit_split(True, old[1])[1] == 5
+        assert _kernels._set_unit_split(True, -1, 7, 9)[2:] == old[2:]
+        assert _kernels._set_unit_split(True, -1, old[2], old[3])[2:] == (7, 9)
     finally:
         _kernels._set_unit_split(*old)
+
+
+# ---------------------------------------------------------------- batches of 2..64 rows
+# The same split for a batch of m rows: each thread takes its units of every row, the
+# threads meet once per batch (partials of z1 for the m rows), the tail runs for m rows
+# on every thread's copy, and the steps are W -= lr/m * (sum over the rows).
+
+@pytest.fixture
+def short_runs():
+    """Runs of any length take the unit split (the tests' epochs are a few batches)."""
+    old = _kernels._set_unit_split(True, -1, 1)
+    yield
+    _kernels._set_unit_split(*old)
+
+
+def iterations(n, batch, epochs=2, drop_last=False):
+    return epochs * (n // batch if drop_last else -(-n // batch))
+
+
+@pytest.mark.parametrize("sizes", [(203, 330, 10), (64, 128, 10), (517, 130, 30, 5),
+                                   (100, 40, 3)], ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("batch", [2, 3, 8, 32, 64])
+@pytest.mark.parametrize("shuffle", [True, False], ids=["shuffled", "ordered"])
+def test_unit_split_of_batches_trains_as_the_hand_loops_and_the_numpy_backend(
+        team, short_runs, sizes, batch, shuffle):
+    # 150 rows: the last batch of each epoch is short (150 = 2*64 + 22 = 4*32 + 22 ...)
+    X, y = data(sizes, np.float64, zeros=batch == 8)
+    m_on, m_off = make(sizes, np.float64), make(sizes, np.float64)
+    h_on = train(m_on, X, y, True, shuffle=shuffle, batch_size=batch)
+    h_off = train(m_off, X, y, False, shuffle=shuffle, batch_size=batch)
+    assert_ran(m_on, iterations(len(X), batch))
+    assert ran(m_off) == 0
+    assert_close(m_on, m_off, h_on, h_off, 1e-9)
+    ref = make(sizes, np.float64, backend="numpy")
+    h_ref = ref.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.05), epochs=2,
+                    batch_size=batch, seed=1, shuffle=shuffle)
+    assert_close(m_on, ref, h_on, h_ref, 1e-9)
+    assert (h_on.iterations, h_on.steps) == (h_ref.iterations, h_ref.steps)
+
+
+def test_unit_split_of_batches_with_drop_last(team, short_runs):
+    sizes = (203, 330, 10)
+    X, y = data(sizes, np.float64)
+    m_on, m_off = make(sizes, np.float64), make(sizes, np.float64)
+    h_on = train(m_on, X, y, True, batch_size=32, drop_last=True)
+    h_off = train(m_off, X, y, False, batch_size=32, drop_last=True)
+    assert_ran(m_on, iterations(len(X), 32, drop_last=True))
+    assert_close(m_on, m_off, h_on, h_off, 1e-9)
+
+
+@pytest.mark.parametrize("hidden", ["tanh", "sigmoid", "leaky_relu"])
+def test_unit_split_of_batches_with_other_hidden_activations(team, short_runs, hidden):
+    sizes = (120, 96, 24, 4)
+    X, y = data(sizes, np.float64)
+    m_on, m_off = make(sizes, np.float64, hidden), make(sizes, np.float64, hidden)
+    h_on = train(m_on, X, y, True, batch_size=8)
+    h_off = train(m_off, X, y, False, batch_size=8)
+    assert_ran(m_on)
+    assert_close(m_on, m_off, h_on, h_off, 1e-9)
+
+
+@pytest.mark.parametrize("shuffle", [True, False], ids=["shuffled", "ordered"])
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "cross_entropy_probs"])
+def test_unit_split_of_batches_with_target_rows(team, short_runs, loss, shuffle):
+    rng = np.random.default_rng(11)
+    X = rng.random((130, 90))
+    if loss == "mse":
+        last, T, name = "identity", rng.standard_normal((130, 6)), "mse"
+    elif loss == "binary_cross_entropy":
+        last, T, name = "sigmoid", (rng.random((130, 6)) < 0.4) * 1.0, "binary_cross_entropy"
+    else:
+        last, name = "softmax", "cross_entropy"
+        T = rng.random((130, 6))
+        T /= T.sum(axis=1, keepdims=True)
+    models = [make((90, 64, 6), np.float64, last=last) for _ in range(2)]
+    hists = [train(m, X, T, on, loss=name, optimizer=nf.SGD(lr=0.02), batch_size=16,
+                   shuffle=shuffle) for m, on in zip(models, (True, False))]
+    assert_ran(models[0], iterations(130, 16))
+    assert_close(*models, *hists, 1e-9)
+
+
+def test_unit_split_of_batches_in_float32_and_its_accuracy_counts(team, short_runs):
+    sizes = (203, 330, 10)
+    X, y = data(sizes, np.float32)
+    m_on, m_off = make(sizes, np.float32), make(sizes, np.float32)
+    h_on = train(m_on, X, y, True, batch_size=16, validation_data=(X[:40], y[:40]))
+    h_off = train(m_off, X, y, False, batch_size=16, validation_data=(X[:40], y[:40]))
+    assert_ran(m_on)
+    assert_close(m_on, m_off, h_on, h_off, 2e-4)
+    np.testing.assert_allclose(h_on.history["accuracy"], h_off.history["accuracy"],
+                               atol=1 / 150 + 1e-12)
+    assert 0 < h_on.history["accuracy"][-1] <= 1
+
+
+def test_unit_split_of_batches_is_deterministic_whatever_the_alignment(team, short_runs):
+    sizes = (203, 330, 40, 10)
+    X, y = data(sizes, np.float32)
+    results = []
+    for shift in (0, 4, 12):
+        m = make(sizes, np.float32)
+        for layer in (m.layers[0], m.layers[2]):
+            buf = np.empty(layer.W.size + 64, dtype=np.float32)
+            start = (-buf.ctypes.data // 4) % 16 + shift
+            W = buf[start:start + layer.W.size].reshape(layer.W.shape)
+            W[...] = layer.W
+            layer.W = W
+        h = train(m, X, y, True, batch_size=8)
+        assert_ran(m)
+        results.append((m.get_weights(), h.batch_losses))
+    for weights, losses in results[1:]:
+        for a, b in zip(weights, results[0][0]):
+            np.testing.assert_array_equal(a, b)
+        assert losses == results[0][1]
+
+
+@pytest.mark.parametrize("bad", [43, 97], ids=["mid-run", "last-batch"])
+def test_divergence_stops_the_unit_split_of_batches_where_the_hand_loops_stop(
+        team, short_runs, bad):
+    sizes = (203, 330, 10)
+    X, y = data(sizes, np.float32, n=100)   # batches of 8: the last one holds rows 96..99
+    X[bad, 5:45] = np.float32(3e38)
+    results = []
+    for on in (True, False):
+        m = make(sizes, np.float32)
+        with unit_split(on), pytest.raises(nf.DivergenceError) as err:
+            m.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.01), epochs=1,
+                  batch_size=8, shuffle=False)
+        results.append((m, err.value.history))
+    (m_on, h_on), (m_off, h_off) = results
+    assert_ran(m_on, bad // 8)
+    assert len(h_on.batch_losses) == bad // 8 == len(h_off.batch_losses)
+    assert_close(m_on, m_off, h_on, h_off, 2e-4)
+
+
+def test_workspace_holds_the_last_batch_after_a_unit_split_run(team, short_runs):
+    sizes = (64, 128, 10)
+    X, y = data(sizes, np.float64)
+    m_on, m_off = make(sizes, np.float64), make(sizes, np.float64)
+    train(m_on, X, y, True, epochs=1, shuffle=False, batch_size=32)
+    train(m_off, X, y, False, epochs=1, shuffle=False, batch_size=32)
+    assert_ran(m_on)
+    last = len(X) % 32   # the short last batch's rows
+    for name in ("Z", "A", "G"):
+        for a, b in zip(getattr(m_on._workspace, name), getattr(m_off._workspace, name)):
+            np.testing.assert_allclose(a[:last], b[:last], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(m_on.predict(X), m_off.predict(X), rtol=1e-9)
