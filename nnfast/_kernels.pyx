@@ -1844,7 +1844,7 @@ cdef Batch _fetch_batch(const floating* X, Py_ssize_t d, const floating* T, Py_s
 # (A/1 on 2 threads: libgomp spin-waits 14 % of the samples). Batches of m rows do the
 # same for the m rows at once (_unit_batch_worker): against the row split and hand loops
 # (in-process A/B, 2 threads), A/8 1.70x, A/32 1.39x, A/64 1.30x, B/32 2.39x, B/64
-# 2.03x; A/2 0.91-1.02x and B/8 0.98x; A/128 0.90x (where gemm wins), hence the limit.
+# 2.03x, B/4 1.35x, B/8 0.98-1.56x; A/2 0.91-1.02x; A/128 0.90x (gemm wins), hence the limit.
 # The row split moves W's rows and the batch's activations between the cores every
 # batch; here only the partials of z1 cross, which also keeps it fast when the VM's
 # cores are slow to talk to each other (B/32 in such a spell: 1.95M samples/s against
