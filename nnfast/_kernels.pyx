@@ -1860,6 +1860,9 @@ cdef Py_ssize_t UNIT_SPLIT_MIN_PARAMS = 0
 cdef Py_ssize_t UNIT_SPLIT_MIN_ITERATIONS = 64
 # the largest batch it takes (plans made later hold that many rows in the tail copies)
 cdef Py_ssize_t UNIT_SPLIT_MAX_BATCH = 64
+# and at most this many bytes of rows of Z, A, G in each thread's copy of the tail
+# (A: 138 values a row, 64 rows in 106 KB; B: 10 values a row)
+cdef size_t UNIT_SPLIT_TAIL_ROW_BYTES = 1 << 20
 
 
 def _set_unit_split(bint on, Py_ssize_t min_params=-1, Py_ssize_t min_iterations=-1,
@@ -2416,13 +2419,19 @@ cdef int _unit_split_alloc(Net* net, size_t item) noexcept nogil:
     """The unit split's buffers (``_unit_split_run``): per thread a view of W, b, Z, A, G
     for every layer, thread 0's the net's own arrays, the others' private copies of the
     tail (b and ``unit_rows`` rows of Z, A, G from layer 1 on, W from layer 2 on; unit_rows
-    is the smallest of the capacity and UNIT_SPLIT_MAX_BATCH). Returns -1 when
+    is the smallest of the capacity, UNIT_SPLIT_MAX_BATCH and the rows that fit in
+    UNIT_SPLIT_TAIL_ROW_BYTES, at least 1). Returns -1 when
     out of memory (the net then keeps the other paths)."""
     cdef:
         int T = net.scratch_threads, L = net.n_layers, t, l
         size_t per = 0, nb, nw, rows = <size_t>min(net.capacity, UNIT_SPLIT_MAX_BATCH)
+        size_t row_bytes = 0
         char* cursor
         void** view
+    for l in range(1, L):
+        row_bytes += 3 * net.width[l + 1] * item
+    # a wide tail (a layer 1 of thousands of units with nothing above it) holds fewer rows
+    rows = max(<size_t>1, min(rows, UNIT_SPLIT_TAIL_ROW_BYTES // row_bytes))
     for l in range(1, L):
         nb = net.width[l + 1] * item
         per += (_round64(nb) + 64) + 3 * (_round64(rows * nb) + 64)

@@ -398,3 +398,19 @@ def test_workspace_holds_the_last_batch_after_a_unit_split_run(team, short_runs)
         for a, b in zip(getattr(m_on._workspace, name), getattr(m_off._workspace, name)):
             np.testing.assert_allclose(a[:last], b[:last], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(m_on.predict(X), m_off.predict(X), rtol=1e-9)
+
+
+def test_a_wide_tail_holds_fewer_rows(team, short_runs):
+    # layer 1 of 5,000 float64 units with nothing above it: a row of the tail's Z, A and G
+    # is 120,000 bytes, so the copies (at most 1 MiB of rows) hold 8 rows
+    sizes = (30, 64, 5000)
+    X, y = data(sizes, np.float64, n=96)
+    for batch, taken in ((8, True), (9, False)):
+        m_on, m_off = make(sizes, np.float64), make(sizes, np.float64)
+        h_on = train(m_on, X, y, True, batch_size=batch, epochs=1)
+        h_off = train(m_off, X, y, False, batch_size=batch, epochs=1)
+        if taken:
+            assert_ran(m_on, iterations(len(X), batch, epochs=1))
+        else:
+            assert ran(m_on) == 0
+        assert_close(m_on, m_off, h_on, h_off, 1e-9)
