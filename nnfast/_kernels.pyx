@@ -998,6 +998,7 @@ cdef struct Net:
     void* unit_blocks_mem
     int unit_blocks_team      # the team size unit_blocks is laid out for (0: none yet)
     Py_ssize_t unit_blocks_rows  # and the batch size
+    bint unit_blocks_full     # and whether they hold gradient sums and optimizer state
     Py_ssize_t unit_rows      # batch rows the tail copies hold (the largest batch taken)
     int* unit_stop            # per thread: its loss was not finite (2 * scratch_threads:
                               # samples of even and odd index, see _unit_split_worker)
@@ -1028,18 +1029,27 @@ cdef void _begin_step(OptSpec* opt) noexcept nogil:
         opt.decay_factor = (1.0 - opt.lr * opt.weight_decay) if opt.decoupled else 1.0
 
 
+cdef void _update_span(OptSpec* opt, floating* p, floating* g, floating* s1, floating* s2,
+                       double scale, Py_ssize_t n) noexcept nogil:
+    """Serial optimizer update of n parameters p from their gradient sums g (zeroed),
+    with their state s1 (velocity or exp_avg; NULL where there is none) and s2."""
+    if opt.kind == OPT_SGD:
+        _sgd_range(p, g, s1 if s1 != NULL else p, <floating>scale, <floating>opt.lr,
+                   <floating>opt.momentum, opt.nesterov, <floating>opt.weight_decay, 0, n)
+    elif opt.kind == OPT_ADAM:
+        _adam_range(p, g, s1, s2, <floating>scale, <floating>opt.step_size,
+                    <floating>opt.beta1, <floating>opt.beta2, <floating>opt.eps,
+                    <floating>opt.bias2_sqrt, <floating>opt.l2, <floating>opt.decay_factor,
+                    0, n)
+
+
 cdef void _update_range(OptSpec* opt, int j, floating* p, floating* g, double scale,
                         Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
     """Serial optimizer update of elements lo..hi of parameter array j."""
-    cdef floating* s1 = <floating*>opt.s1[j] if opt.s1 != NULL else NULL
-    if opt.kind == OPT_SGD:
-        _sgd_range(p, g, s1 if s1 != NULL else p, <floating>scale, <floating>opt.lr,
-                   <floating>opt.momentum, opt.nesterov, <floating>opt.weight_decay, lo, hi)
-    elif opt.kind == OPT_ADAM:
-        _adam_range(p, g, s1, <floating*>opt.s2[j], <floating>scale, <floating>opt.step_size,
-                    <floating>opt.beta1, <floating>opt.beta2, <floating>opt.eps,
-                    <floating>opt.bias2_sqrt, <floating>opt.l2, <floating>opt.decay_factor,
-                    lo, hi)
+    cdef:
+        floating* s1 = <floating*>opt.s1[j] + lo if opt.s1 != NULL else NULL
+        floating* s2 = <floating*>opt.s2[j] + lo if opt.s2 != NULL else NULL
+    _update_span(opt, p + lo, g + lo, s1, s2, scale, hi - lo)
 
 
 cdef void _update_array(OptSpec* opt, int j, floating* p, floating* g, Py_ssize_t n,
@@ -1737,8 +1747,9 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
     samples] of the open accumulation group, carried across calls. Returns the index of
     an iteration whose loss was not finite (it stopped there), else -1.
 
-    Batches of 1 to UNIT_SPLIT_MAX_BATCH rows with plain SGD on several threads run as
-    one parallel region instead (``_unit_split_threads``, ``_unit_split_run``). Elsewhere, where
+    Batches of 1 to UNIT_SPLIT_MAX_BATCH rows stepping every batch (at batch 1 with plain
+    SGD) on several threads run as one parallel region instead (``_unit_split_threads``,
+    ``_unit_split_run``). Elsewhere, where
     ``_first_layer_fusable``, batch it + 1 is fetched before batch it runs, and
     batch it's first-layer backward computes batch it + 1's first product
     (``first_ready`` for the next iteration); within one call only, so the workspace
@@ -1752,10 +1763,10 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
         Batch bufs = Batch(<void*>xbuf, <void*>tbuf, lbuf)
         int team
     team = _unit_split_threads(net, bs, accumulate, fold_ok, group)
-    if (team > 0 and it1 - it0 >= UNIT_SPLIT_MIN_ITERATIONS
-            and _unit_blocks_room(net, X, team, bs) == 0):
+    if (team > 0 and (it1 - it0) * bs >= UNIT_SPLIT_MIN_SAMPLES
+            and _unit_blocks_room(net, X, team, bs, not fold_ok) == 0):
         return _unit_split_run(net, X, d, T, kt, labels, order, n_samples, bs, it0, it1,
-                               loss, opt, out_loss, out_correct, steps, team)
+                               loss, opt, out_loss, out_correct, steps, team, fold_ok)
     # with the fused first-layer pass, batch it + 1 is gathered while batch it is still in
     # use: the two take turns in the plan's buffers and the net's own small ones
     spare = Batch(net.next_x, net.next_t, net.next_labels)
@@ -1829,8 +1840,9 @@ cdef Batch _fetch_batch(const floating* X, Py_ssize_t d, const floating* T, Py_s
     return b
 
 
-# The unit split: small batches (1 to UNIT_SPLIT_MAX_BATCH rows) with plain SGD on
-# several threads, the whole run in one parallel region with one barrier per batch. Thread t owns a block U_t of the first
+# The unit split: small batches (1 to UNIT_SPLIT_MAX_BATCH rows; at batch 1 plain SGD
+# only, above it any optimizer) stepping every batch on several threads, the whole run
+# in one parallel region with one barrier per batch. Thread t owns a block U_t of the first
 # hidden layer's units: columns U_t of W0 and b0 and rows U_t of W1. Its forward
 # (z0[U_t], a0[U_t], a0[U_t] @ W1[U_t] as a partial of z1), its backward below z1
 # (dX of layer 1 on its rows, which is d a0[U_t], and the steps of its rows of W1 and
@@ -1856,29 +1868,34 @@ cdef Py_ssize_t UNIT_SPLIT_MIN_UNITS = 16
 cdef Py_ssize_t UNIT_SPLIT_MAX_TAIL = 16384
 # smallest layers 0 and 1 (weights) worth the region on several threads
 cdef Py_ssize_t UNIT_SPLIT_MIN_PARAMS = 0
-# fewest iterations in a run (each run copies W0 into the threads' blocks and back)
-cdef Py_ssize_t UNIT_SPLIT_MIN_ITERATIONS = 64
+# fewest samples in a run (each run copies W0, and its optimizer state, into the
+# threads' blocks and back)
+cdef Py_ssize_t UNIT_SPLIT_MIN_SAMPLES = 64
 # the largest batch it takes (plans made later hold that many rows in the tail copies)
 cdef Py_ssize_t UNIT_SPLIT_MAX_BATCH = 64
+# at batch 2, the largest first layer (weights) it takes: the hand loops' fused step and
+# next forward win on a large one (in-process A/B: A/2 0.93x plain SGD, 0.99x momentum;
+# B/2 1.35x, 1.41x)
+cdef double UNIT_SPLIT_BATCH2_MAX_W0 = 65536
 # and at most this many bytes of rows of Z, A, G in each thread's copy of the tail
 # (A: 138 values a row, 64 rows in 106 KB; B: 10 values a row)
 cdef size_t UNIT_SPLIT_TAIL_ROW_BYTES = 1 << 20
 
 
-def _set_unit_split(bint on, Py_ssize_t min_params=-1, Py_ssize_t min_iterations=-1,
+def _set_unit_split(bint on, Py_ssize_t min_params=-1, Py_ssize_t min_samples=-1,
                     Py_ssize_t max_batch=-1):
     """Turn the unit split (``_unit_split_run``) on or off, and optionally set the
     smallest first two layers (in weights) that take it, the fewest iterations of a run
     and the largest batch; for measuring it and for testing both paths. Returns the
-    previous (on, min_params, min_iterations, max_batch). The largest batch applies to
+    previous (on, min_params, min_samples, max_batch). The largest batch applies to
     plans made after the call (a plan's tail copies hold that many rows)."""
-    global UNIT_SPLIT, UNIT_SPLIT_MIN_PARAMS, UNIT_SPLIT_MIN_ITERATIONS, UNIT_SPLIT_MAX_BATCH
-    old = (UNIT_SPLIT, UNIT_SPLIT_MIN_PARAMS, UNIT_SPLIT_MIN_ITERATIONS, UNIT_SPLIT_MAX_BATCH)
+    global UNIT_SPLIT, UNIT_SPLIT_MIN_PARAMS, UNIT_SPLIT_MIN_SAMPLES, UNIT_SPLIT_MAX_BATCH
+    old = (UNIT_SPLIT, UNIT_SPLIT_MIN_PARAMS, UNIT_SPLIT_MIN_SAMPLES, UNIT_SPLIT_MAX_BATCH)
     UNIT_SPLIT = on
     if min_params >= 0:
         UNIT_SPLIT_MIN_PARAMS = min_params
-    if min_iterations >= 1:
-        UNIT_SPLIT_MIN_ITERATIONS = min_iterations
+    if min_samples >= 1:
+        UNIT_SPLIT_MIN_SAMPLES = min_samples
     if max_batch >= 1:
         UNIT_SPLIT_MAX_BATCH = max_batch
     return old
@@ -1897,12 +1914,14 @@ cdef inline Py_ssize_t _unit_tail_params(Net* net) noexcept nogil:
 cdef inline int _unit_split_threads(Net* net, Py_ssize_t bs, int accumulate, bint fold_ok,
                                     const int64_t* group) noexcept nogil:
     """Threads for a unit-split run, or 0 when the run does not take it: batches of at
-    most ``unit_rows`` and plain SGD stepping every batch (the steps of different
-    threads' blocks then need no ordering), at least two threads with
+    most ``unit_rows`` stepping every batch (the steps of different threads' blocks
+    then need no ordering; at batch 1 plain SGD only), at least two threads with
     UNIT_SPLIT_MIN_UNITS units each."""
     cdef int t = min(_num_threads, net.scratch_threads)
     if (not UNIT_SPLIT or net.unit_view == NULL or bs < 1 or bs > net.unit_rows
-            or accumulate != 1 or not fold_ok or group[0] != 0 or t < 2):
+            or accumulate != 1 or (bs == 1 and not fold_ok) or group[0] != 0 or t < 2):
+        return 0
+    if bs == 2 and <double>net.width[0] * net.width[1] > UNIT_SPLIT_BATCH2_MAX_W0:
         return 0
     if (<double>net.width[0] * net.width[1] + <double>net.width[1] * net.width[2]
             < UNIT_SPLIT_MIN_PARAMS):
@@ -1938,15 +1957,17 @@ cdef inline Py_ssize_t _up(Py_ssize_t v, Py_ssize_t q) noexcept nogil:
 
 
 cdef floating* _unit_block(Net* net, const floating* typed, int t, int team,
-                           Py_ssize_t rows) noexcept nogil:
+                           Py_ssize_t rows, bint full) noexcept nogil:
     """Thread t's private block for batches of ``rows``: width[0] rows of ``_unit_ld``
     values (its columns of W0), then ``rows`` rows each of its slices of z0, a0 and
     d z0, one row for its slice of b0, and with rows > 1 its copy of the batch
-    (``_unit_batch_parts``). The team's blocks lie one after another in
+    (``_unit_batch_len``); with ``full`` (optimizers that keep gradient sums and state)
+    then the gradient sums of its W0 columns and b0 slice, and their s1 and s2 state,
+    laid out as W0's columns and b0's slice. The team's blocks lie one after another in
     ``unit_blocks``, each row on its own cache lines: nothing a thread writes every
     sample shares a line with another thread's (on Z0, 4 lines of 64 bytes written by
     both threads made A/1's first-layer pass 2-3x slower)."""
-    return <floating*>net.unit_blocks + _unit_block_offset(net, typed, t, team, rows)
+    return <floating*>net.unit_blocks + _unit_block_offset(net, typed, t, team, rows, full)
 
 
 cdef inline Py_ssize_t _unit_batch_len(Net* net, const floating* typed, int t, int team,
@@ -1963,13 +1984,15 @@ cdef inline Py_ssize_t _unit_batch_len(Net* net, const floating* typed, int t, i
 
 
 cdef inline Py_ssize_t _unit_block_offset(Net* net, const floating* typed, int t,
-                                          int team, Py_ssize_t rows) noexcept nogil:
+                                          int team, Py_ssize_t rows, bint full) noexcept nogil:
     cdef:
-        Py_ssize_t off = 0
+        Py_ssize_t off = 0, ld
         int s
     for s in range(t):
-        off += (_unit_ld(net, typed, s, team) * (net.width[0] + 3 * rows + 1)
-                + _unit_batch_len(net, typed, s, team, rows))
+        ld = _unit_ld(net, typed, s, team)
+        off += ld * (net.width[0] + 3 * rows + 1) + _unit_batch_len(net, typed, s, team, rows)
+        if full:
+            off += 3 * ld * (net.width[0] + 1)
     return off
 
 
@@ -1980,21 +2003,22 @@ cdef inline Py_ssize_t _unit_partial_ld(Net* net, const floating* typed) noexcep
 
 
 cdef inline floating* _unit_partials(Net* net, const floating* typed, int team,
-                                     Py_ssize_t rows) noexcept nogil:
+                                     Py_ssize_t rows, bint full) noexcept nogil:
     """The partials of z1, after the team's blocks: two sets (alternating iterations)
     of ``team`` times ``rows`` rows of ``_unit_partial_ld``."""
-    return _unit_block(net, typed, team, team, rows)
+    return _unit_block(net, typed, team, team, rows, full)
 
 
-cdef int _unit_blocks_room(Net* net, const floating* typed, int team,
-                           Py_ssize_t rows) noexcept nogil:
-    """``unit_blocks`` sized for a team of ``team`` and batches of ``rows`` (allocated on
-    the first unit-split run and when either changes); -1 when out of memory."""
+cdef int _unit_blocks_room(Net* net, const floating* typed, int team, Py_ssize_t rows,
+                           bint full) noexcept nogil:
+    """``unit_blocks`` laid out for a team of ``team``, batches of ``rows`` and ``full``
+    or not (allocated on the first unit-split run and when one of them changes); -1 when
+    out of memory."""
     cdef Py_ssize_t total
     if (net.unit_blocks != NULL and net.unit_blocks_team == team
-            and net.unit_blocks_rows == rows):
+            and net.unit_blocks_rows == rows and net.unit_blocks_full == full):
         return 0
-    total = (_unit_block_offset(net, typed, team, team, rows)
+    total = (_unit_block_offset(net, typed, team, team, rows, full)
              + 2 * team * rows * _unit_partial_ld(net, typed))
     nnf_free_huge(net.unit_blocks_mem)
     net.unit_blocks = NULL
@@ -2006,6 +2030,7 @@ cdef int _unit_blocks_room(Net* net, const floating* typed, int team,
     net.unit_blocks = net.unit_blocks_mem
     net.unit_blocks_team = team
     net.unit_blocks_rows = rows
+    net.unit_blocks_full = full
     return 0
 
 cdef inline void _forward4_skip(const floating* xr, const floating* w, Py_ssize_t ld,
@@ -2068,12 +2093,28 @@ cdef void _step_forward_cols(const floating* x, const floating* dz, Py_ssize_t k
 
 
 cdef enum ViewPart:
-    # what a thread's view (Net.unit_view) holds per layer, in this order
+    # what a thread's view (Net.unit_view) holds per layer, in this order: the arrays,
+    # then the gradient sums and optimizer state of the tail (for the optimizers that do
+    # not fold into the gradient product)
     V_W = 0
     V_B = 1
     V_Z = 2
     V_A = 3
     V_G = 4
+    V_DW = 5
+    V_DB = 6
+    V_S1W = 7
+    V_S1B = 8
+    V_S2W = 9
+    V_S2B = 10
+    V_PARTS = 11
+
+
+cdef inline Py_ssize_t _view_len(int L) noexcept nogil:
+    """Pointers in one thread's view: V_PARTS per layer, then the optimizer's state
+    pointers by parameter (W0, b0, W1, ...: 2 * L for s1, 2 * L for s2), which the
+    thread's copy of the OptSpec points to."""
+    return (V_PARTS + 4) * L
 
 
 cdef inline void* _part(void** view, int L, int part, int l) noexcept nogil:
@@ -2129,11 +2170,27 @@ cdef inline void _step_bias(floating* bias, floating neg, const floating* g, Py_
         _axpy(bias, neg, g + r * ld, n)
 
 
+cdef void _unit_bias_step(void** view, int L, int l, OptSpec* opt, Py_ssize_t m, int n,
+                          floating neg, bint fold) noexcept nogil:
+    """b_l's step from view's G[l] (m rows): folded (neg = -lr / m), or through its
+    gradient sum (view's DB) and the optimizer (opt: this thread's copy)."""
+    cdef floating* db
+    if fold:
+        _step_bias(<floating*>_part(view, L, V_B, l), neg, <floating*>_part(view, L, V_G, l),
+                   m, n, n)
+        return
+    db = <floating*>_part(view, L, V_DB, l)
+    _step_bias(db, <floating>1, <floating*>_part(view, L, V_G, l), m, n, n)
+    _update_range(opt, 2 * l + 1, <floating*>_part(view, L, V_B, l), db, 1.0 / m, 0, n)
+
+
 cdef void _unit_tail_backward(Net* net, void** view, OptSpec* opt, Py_ssize_t m,
-                              floating neg) noexcept nogil:
-    """Backward and plain SGD step (neg = -lr / m) of the tail for m rows on this
-    thread's copy: layers last..2 (each leaves the gradient below it in view's G), then
-    b1; view's G[1] is dz1."""
+                              floating neg, bint fold) noexcept nogil:
+    """Backward and step of the tail for m rows on this thread's copy: layers last..2
+    (each leaves the gradient below it in view's G), then b1; view's G[1] is dz1. With
+    ``fold`` plain SGD (neg = -lr / m) on the parameters directly, else through the
+    view's gradient sums and the optimizer (opt: this thread's copy, whose state
+    pointers are the view's)."""
     cdef:
         int L = net.n_layers, l, k, n
         floating* a_prev
@@ -2144,11 +2201,11 @@ cdef void _unit_tail_backward(Net* net, void** view, OptSpec* opt, Py_ssize_t m,
         a_prev = <floating*>_part(view, L, V_A, l - 1)
         g = <floating*>_part(view, L, V_G, l)
         _small_backward_rows(a_prev, g, m, k, n, <floating*>_part(view, L, V_W, l),
-                             <floating*>net.dW[l], <floating*>_part(view, L, V_G, l - 1),
-                             a_prev, net.act[l - 1], opt, 2 * l, True, True, 1.0 / m, 0, k)
-        _step_bias(<floating*>_part(view, L, V_B, l), neg, g, m, n, n)
-    _step_bias(<floating*>_part(view, L, V_B, 1), neg, <floating*>_part(view, L, V_G, 1), m,
-               net.width[2], net.width[2])
+                             <floating*>_part(view, L, V_DW, l),
+                             <floating*>_part(view, L, V_G, l - 1), a_prev, net.act[l - 1],
+                             opt, 2 * l, True, fold, 1.0 / m, 0, k)
+        _unit_bias_step(view, L, l, opt, m, n, neg, fold)
+    _unit_bias_step(view, L, 1, opt, m, net.width[2], neg, fold)
 
 
 cdef inline bint _unit_stopped(Net* net, int team, Py_ssize_t it) noexcept nogil:
@@ -2179,14 +2236,14 @@ cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const fl
         int n0 = net.width[0], n1 = net.width[1], n2 = net.width[2], n_out = net.width[L]
         floating* w0 = <floating*>net.W[0]
         floating* w1
-        floating* partial = _unit_partials(net, w0, team, 1)
+        floating* partial = _unit_partials(net, w0, team, 1, False)
         floating neg = <floating>(-opt.lr)
-        void** view = net.unit_view + tid * 5 * L
+        void** view = net.unit_view + tid * _view_len(L)
         Py_ssize_t c0 = _unit_bound(net, w0, tid, team)
         Py_ssize_t c1 = _unit_bound(net, w0, tid + 1, team), units = c1 - c0
         Py_ssize_t ld = _unit_ld(net, w0, tid, team), pld = _unit_partial_ld(net, w0)
         Py_ssize_t it, row, i
-        floating* block = _unit_block(net, w0, tid, team, 1)
+        floating* block = _unit_block(net, w0, tid, team, 1, False)
         floating* z = block + n0 * ld  # this thread's z0[U_t], a0[U_t], d z0[U_t], b0[U_t]
         floating* a = z + ld
         floating* g = a + ld
@@ -2233,7 +2290,7 @@ cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const fl
             stop = True
             net.unit_stop[(it & 1) * team + tid] = 1
             continue
-        _unit_tail_backward(net, view, opt, 1, neg)
+        _unit_tail_backward(net, view, opt, 1, neg, True)
         # rows U_t of W1: d a0[U_t] (with a0's slope: d z0[U_t]) and their step
         _small_backward_rows(a, <floating*>_part(view, L, V_G, 1), 1, <int>units, n2, w1,
                              <floating*>net.dW[1] + c0 * n2, g, a, net.act[0], opt, 2,
@@ -2253,37 +2310,51 @@ cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const fl
     memcpy(<floating*>net.G[0] + c0, g, units * sizeof(floating))
 
 
+cdef inline void _unit_copy_cols(floating* dst, Py_ssize_t dld, const floating* src,
+                                 Py_ssize_t sld, Py_ssize_t rows,
+                                 Py_ssize_t n) noexcept nogil:
+    """n values of each of ``rows`` rows, from rows sld apart to rows dld apart."""
+    cdef Py_ssize_t i
+    for i in range(rows):
+        memcpy(dst + i * dld, src + i * sld, n * sizeof(floating))
+
+
 cdef void _unit_batch_worker(Net* net, const floating* X, Py_ssize_t d, const floating* T,
                              Py_ssize_t kt, const int64_t* labels, const int64_t* order,
                              Py_ssize_t n_samples, Py_ssize_t bs, Py_ssize_t it0,
-                             Py_ssize_t it1, int loss, OptSpec* opt, double* out_loss,
-                             int64_t* out_correct, Py_ssize_t* failed) noexcept nogil:
+                             Py_ssize_t it1, int loss, OptSpec* opt, bint fold,
+                             double* out_loss, int64_t* out_correct,
+                             Py_ssize_t* failed) noexcept nogil:
     """``_unit_split_worker`` for batches of 2..``unit_rows`` rows (iteration it: rows
     it * bs .. of the epoch, the last one possibly short). Each thread copies the batch
     (X's rows, and T's rows or the labels) into its block, then per batch:
     z0[:, U_t] = X @ W0[:, U_t] and a0, its partial a0[:, U_t] @ W1[U_t] of z1; the
     barrier; the tail on its own copy (as at batch 1, for m rows); then
-    d z0[:, U_t] = (dz1 @ W1[U_t]^T) * act', and the steps W1[U_t] -= lr/m a0^T dz1,
-    b0[U_t] -= lr/m sum of d z0, W0[:, U_t] -= lr/m X^T d z0 (the products are the
-    serial small kernels; the W0 block stays in this core's cache from batch to
-    batch)."""
+    d z0[:, U_t] = (dz1 @ W1[U_t]^T) * act', and the steps of W1[U_t] (gradient
+    a0^T dz1), b0[U_t] (the sum of d z0) and W0[:, U_t] (X^T d z0): with ``fold``
+    (plain SGD) W -= lr/m times the gradient, folded into the product; else the gradient
+    sums go to the optimizer (any of them: each thread steps its own parameters, and its
+    copy of the OptSpec counts the steps and points at its own state). The products are
+    the serial small kernels; the W0 block stays in this core's cache from batch to
+    batch."""
     cdef:
         int tid = nnf_thread_num(), team = nnf_team_size(), L = net.n_layers
         int n0 = net.width[0], n1 = net.width[1], n2 = net.width[2], n_out = net.width[L]
         Py_ssize_t q = 64 // sizeof(floating)
         floating* w0 = <floating*>net.W[0]
         floating* w1
-        floating* partial = _unit_partials(net, w0, team, bs)
+        floating* partial = _unit_partials(net, w0, team, bs, not fold)
         floating* part
         floating* dz1
         floating neg
-        void** view = net.unit_view + tid * 5 * L
+        void** view = net.unit_view + tid * _view_len(L)
+        OptSpec lopt = opt[0]
         Py_ssize_t c0 = _unit_bound(net, w0, tid, team)
         Py_ssize_t c1 = _unit_bound(net, w0, tid + 1, team), units = c1 - c0
         Py_ssize_t ld = _unit_ld(net, w0, tid, team), pld = _unit_partial_ld(net, w0)
         Py_ssize_t xld = _up(n0, q), tld = _up(n_out, q)
         Py_ssize_t it, r, i, row, start, m = 0, xs
-        floating* block = _unit_block(net, w0, tid, team, bs)
+        floating* block = _unit_block(net, w0, tid, team, bs, not fold)
         floating* z = block + n0 * ld  # this thread's z0, a0, d z0 (bs rows each), b0
         floating* a = z + bs * ld
         floating* g = a + bs * ld
@@ -2292,15 +2363,31 @@ cdef void _unit_batch_worker(Net* net, const floating* X, Py_ssize_t d, const fl
         floating* tb = xb + bs * xld
         int64_t* lb = <int64_t*>(tb + bs * tld)
         floating* nt_scratch = <floating*>lb + _up(bs * 8 // sizeof(floating), q)
+        # (not fold) gradient sums of the W0 block and b0, then their state s1, s2:
+        # each (n0 + 1) rows of ld, laid out as the block's W0 rows and b0
+        floating* dwb = nt_scratch + _up(<Py_ssize_t>n2 * ld, q)
+        floating* s1b = dwb + (n0 + 1) * ld
+        floating* s2b = s1b + (n0 + 1) * ld
+        floating* s1w0 = <floating*>opt.s1[0] if opt.s1 != NULL else NULL
+        floating* s2w0 = <floating*>opt.s2[0] if opt.s2 != NULL else NULL
         const floating* x
         const floating* t
         const int64_t* label
         double total
         bint stop = False
+    lopt.s1 = view + V_PARTS * L if opt.s1 != NULL else NULL
+    lopt.s2 = view + (V_PARTS + 2) * L if opt.s2 != NULL else NULL
     w1 = <floating*>net.W[1] + c0 * n2  # rows U_t of W1
-    for i in range(n0):
-        memcpy(block + i * ld, w0 + i * n1 + c0, units * sizeof(floating))
+    _unit_copy_cols(block, ld, w0 + c0, n1, n0, units)
     memcpy(b, <floating*>net.b[0] + c0, units * sizeof(floating))
+    if not fold:
+        memset(dwb, 0, (n0 + 1) * ld * sizeof(floating))
+        if s1w0 != NULL:
+            _unit_copy_cols(s1b, ld, s1w0 + c0, n1, n0, units)
+            memcpy(s1b + n0 * ld, <floating*>opt.s1[1] + c0, units * sizeof(floating))
+        if s2w0 != NULL:
+            _unit_copy_cols(s2b, ld, s2w0 + c0, n1, n0, units)
+            memcpy(s2b + n0 * ld, <floating*>opt.s2[1] + c0, units * sizeof(floating))
     for it in range(it0, it1):
         start = it * bs
         m = min(bs, n_samples - start)
@@ -2345,25 +2432,46 @@ cdef void _unit_batch_worker(Net* net, const floating* X, Py_ssize_t d, const fl
             net.unit_stop[(it & 1) * team + tid] = 1
             continue
         neg = <floating>(-opt.lr * (1.0 / m))
-        _unit_tail_backward(net, view, opt, m, neg)
+        if not fold:
+            _begin_step(&lopt)
+        _unit_tail_backward(net, view, &lopt, m, neg, fold)
         dz1 = <floating*>_part(view, L, V_G, 1)
         # d a0[:, U_t] through W1's rows U_t before they are stepped, then act'
         _small_nt_ld(m, <int>units, n2, dz1, n2, w1, n2, g, ld, nt_scratch)
         for r in range(m):
             _scale_by_slope_rows(g + r * ld, a + r * ld, <int>units, net.act[0], 0, 1)
-        _small_nn_ld(units, n2, m, neg, a, 1, ld, dz1, n2, w1, n2, True)
-        _step_bias(b, neg, g, m, ld, units)
-        _small_nn_ld(n0, <int>units, m, neg, x, 1, xs, g, ld, block, ld, True)
+        if fold:
+            _small_nn_ld(units, n2, m, neg, a, 1, ld, dz1, n2, w1, n2, True)
+            _step_bias(b, neg, g, m, ld, units)
+            _small_nn_ld(n0, <int>units, m, neg, x, 1, xs, g, ld, block, ld, True)
+            continue
+        _small_nn_ld(units, n2, m, <floating>1, a, 1, ld, dz1, n2,
+                     <floating*>net.dW[1] + c0 * n2, n2, False)
+        _update_range(&lopt, 2, <floating*>net.W[1], <floating*>net.dW[1], 1.0 / m,
+                      c0 * n2, c1 * n2)
+        _step_bias(dwb + n0 * ld, <floating>1, g, m, ld, units)
+        _update_span(&lopt, b, dwb + n0 * ld, s1b + n0 * ld if s1w0 != NULL else NULL,
+                     s2b + n0 * ld if s2w0 != NULL else NULL, 1.0 / m, units)
+        _small_nn_ld(n0, <int>units, m, <floating>1, x, 1, xs, g, ld, dwb, ld, False)
+        for i in range(n0):
+            _update_span(&lopt, block + i * ld, dwb + i * ld,
+                         s1b + i * ld if s1w0 != NULL else NULL,
+                         s2b + i * ld if s2w0 != NULL else NULL, 1.0 / m, units)
     nnf_barrier()  # (a loss of the run's last batch is seen here)
     if tid == 0 and failed[0] < 0 and _unit_stopped(net, team, it1 - 1):
         failed[0] = it1 - 1
-    for i in range(n0):
-        memcpy(w0 + i * n1 + c0, block + i * ld, units * sizeof(floating))
+    _unit_copy_cols(w0 + c0, n1, block, ld, n0, units)
     memcpy(<floating*>net.b[0] + c0, b, units * sizeof(floating))
-    for r in range(m):
-        memcpy(<floating*>net.Z[0] + r * n1 + c0, z + r * ld, units * sizeof(floating))
-        memcpy(<floating*>net.A[0] + r * n1 + c0, a + r * ld, units * sizeof(floating))
-        memcpy(<floating*>net.G[0] + r * n1 + c0, g + r * ld, units * sizeof(floating))
+    if not fold:
+        if s1w0 != NULL:
+            _unit_copy_cols(s1w0 + c0, n1, s1b, ld, n0, units)
+            memcpy(<floating*>opt.s1[1] + c0, s1b + n0 * ld, units * sizeof(floating))
+        if s2w0 != NULL:
+            _unit_copy_cols(s2w0 + c0, n1, s2b, ld, n0, units)
+            memcpy(<floating*>opt.s2[1] + c0, s2b + n0 * ld, units * sizeof(floating))
+    _unit_copy_cols(<floating*>net.Z[0] + c0, n1, z, ld, m, units)
+    _unit_copy_cols(<floating*>net.A[0] + c0, n1, a, ld, m, units)
+    _unit_copy_cols(<floating*>net.G[0] + c0, n1, g, ld, m, units)
 
 
 cdef Py_ssize_t _unit_split_run(Net* net, const floating* X, Py_ssize_t d,
@@ -2371,23 +2479,47 @@ cdef Py_ssize_t _unit_split_run(Net* net, const floating* X, Py_ssize_t d,
                                 const int64_t* order, Py_ssize_t n_samples, Py_ssize_t bs,
                                 Py_ssize_t it0, Py_ssize_t it1, int loss, OptSpec* opt,
                                 double* out_loss, int64_t* out_correct, int64_t* steps,
-                                int team) noexcept nogil:
-    """Iterations it0..it1-1 of a plain-SGD epoch of batches of ``bs`` in one parallel
-    region of ``team`` threads (see the notes above ``UNIT_SPLIT``); the result of
-    ``_net_run``. At batch 1, within each block the operations are those of the hand
-    loops on one thread; z1's terms are summed per block and then across blocks."""
+                                int team, bint fold) noexcept nogil:
+    """Iterations it0..it1-1 of an epoch of batches of ``bs``, a step every batch, in
+    one parallel region of ``team`` threads (see the notes above ``UNIT_SPLIT``); the
+    result of ``_net_run``. ``fold``: plain SGD (the only optimizer at batch 1). At
+    batch 1, within each block the operations are those of the hand loops on one
+    thread; z1's terms are summed per block and then across blocks."""
     cdef:
-        int L = net.n_layers, p, l
-        Py_ssize_t failed = -1, done
+        int L = net.n_layers, p, l, j
+        Py_ssize_t failed = -1, done, nb, nw
         void** view
     memset(net.unit_stop, 0, 2 * team * sizeof(int))
-    for p in range(1, team):  # the tail copies start from the model's values
-        view = net.unit_view + p * 5 * L
-        for l in range(1, L):
-            memcpy(view[V_B * L + l], net.b[l], net.width[l + 1] * sizeof(floating))
+    for p in range(team):
+        view = net.unit_view + p * _view_len(L)
+        for j in range(2 * L):  # the optimizer's state, or this thread's copy of the tail's
+            view[V_PARTS * L + j] = opt.s1[j] if opt.s1 != NULL else NULL
+            view[(V_PARTS + 2) * L + j] = opt.s2[j] if opt.s2 != NULL else NULL
+        if p == 0:
+            continue
+        for l in range(1, L):  # the tail copies start from the model's values
+            nb = net.width[l + 1]
+            nw = <Py_ssize_t>net.width[l] * nb
+            memcpy(view[V_B * L + l], net.b[l], nb * sizeof(floating))
             if l >= 2:
-                memcpy(view[V_W * L + l], net.W[l],
-                       <Py_ssize_t>net.width[l] * net.width[l + 1] * sizeof(floating))
+                memcpy(view[V_W * L + l], net.W[l], nw * sizeof(floating))
+            if fold:
+                continue
+            memset(view[V_DB * L + l], 0, nb * sizeof(floating))
+            if l >= 2:
+                memset(view[V_DW * L + l], 0, nw * sizeof(floating))
+            if opt.s1 != NULL:
+                view[V_PARTS * L + 2 * l + 1] = view[V_S1B * L + l]
+                memcpy(view[V_S1B * L + l], opt.s1[2 * l + 1], nb * sizeof(floating))
+                if l >= 2:
+                    view[V_PARTS * L + 2 * l] = view[V_S1W * L + l]
+                    memcpy(view[V_S1W * L + l], opt.s1[2 * l], nw * sizeof(floating))
+            if opt.s2 != NULL:
+                view[(V_PARTS + 2) * L + 2 * l + 1] = view[V_S2B * L + l]
+                memcpy(view[V_S2B * L + l], opt.s2[2 * l + 1], nb * sizeof(floating))
+                if l >= 2:
+                    view[(V_PARTS + 2) * L + 2 * l] = view[V_S2W * L + l]
+                    memcpy(view[V_S2W * L + l], opt.s2[2 * l], nw * sizeof(floating))
     if bs == 1:
         with parallel(num_threads=team):
             _unit_split_worker(net, X, d, T, kt, labels, order, it0, it1, loss, opt,
@@ -2395,7 +2527,7 @@ cdef Py_ssize_t _unit_split_run(Net* net, const floating* X, Py_ssize_t d,
     else:
         with parallel(num_threads=team):
             _unit_batch_worker(net, X, d, T, kt, labels, order, n_samples, bs, it0, it1,
-                               loss, opt, out_loss, out_correct, &failed)
+                               loss, opt, fold, out_loss, out_correct, &failed)
     done = (failed if failed >= 0 else it1) - it0
     opt.step += done
     steps[0] += done
@@ -2434,12 +2566,12 @@ cdef int _unit_split_alloc(Net* net, size_t item) noexcept nogil:
     rows = max(<size_t>1, min(rows, UNIT_SPLIT_TAIL_ROW_BYTES // row_bytes))
     for l in range(1, L):
         nb = net.width[l + 1] * item
-        per += (_round64(nb) + 64) + 3 * (_round64(rows * nb) + 64)
+        per += 4 * (_round64(nb) + 64) + 3 * (_round64(rows * nb) + 64)
         if l >= 2:
-            per += _round64(<size_t>net.width[l] * nb) + 64
-    net.unit_view = <void**>calloc(T * 5 * L, sizeof(void*))
+            per += 4 * (_round64(<size_t>net.width[l] * nb) + 64)
+    net.unit_view = <void**>calloc(T * _view_len(L), sizeof(void*))
     net.unit_stop = <int*>calloc(2 * T, sizeof(int))
-    net.unit_mem = malloc(max(<size_t>1, (T - 1) * per) + 64)
+    net.unit_mem = calloc(max(<size_t>1, (T - 1) * per) + 64, 1)  # gradient sums start at 0
     if net.unit_view == NULL or net.unit_mem == NULL or net.unit_stop == NULL:
         free(net.unit_view)
         free(net.unit_mem)
@@ -2448,23 +2580,32 @@ cdef int _unit_split_alloc(Net* net, size_t item) noexcept nogil:
         net.unit_mem = NULL
         net.unit_stop = NULL
         return -1
-    for l in range(L):
+    for l in range(L):  # (thread 0's state pointers are the optimizer's, set per run)
         net.unit_view[V_W * L + l] = net.W[l]
         net.unit_view[V_B * L + l] = net.b[l]
         net.unit_view[V_Z * L + l] = net.Z[l]
         net.unit_view[V_A * L + l] = net.A[l]
         net.unit_view[V_G * L + l] = net.G[l]
+        net.unit_view[V_DW * L + l] = net.dW[l]
+        net.unit_view[V_DB * L + l] = net.db[l]
     cursor = <char*>net.unit_mem + (64 - <size_t>net.unit_mem % 64) % 64
     for t in range(1, T):
-        view = net.unit_view + t * 5 * L
+        view = net.unit_view + t * _view_len(L)
         for l in range(1, L):
             nb = net.width[l + 1] * item
             view[V_B * L + l] = _like(&cursor, net.b[l], nb)
             view[V_Z * L + l] = _like(&cursor, net.Z[l], rows * nb)
             view[V_A * L + l] = _like(&cursor, net.A[l], rows * nb)
             view[V_G * L + l] = _like(&cursor, net.G[l], rows * nb)
+            view[V_DB * L + l] = _like(&cursor, net.db[l], nb)
+            view[V_S1B * L + l] = _like(&cursor, NULL, nb)
+            view[V_S2B * L + l] = _like(&cursor, NULL, nb)
             if l >= 2:
-                view[V_W * L + l] = _like(&cursor, net.W[l], <size_t>net.width[l] * nb)
+                nw = <size_t>net.width[l] * nb
+                view[V_W * L + l] = _like(&cursor, net.W[l], nw)
+                view[V_DW * L + l] = _like(&cursor, net.dW[l], nw)
+                view[V_S1W * L + l] = _like(&cursor, NULL, nw)
+                view[V_S2W * L + l] = _like(&cursor, NULL, nw)
     net.unit_rows = <Py_ssize_t>rows
     return 0
 
@@ -2577,6 +2718,7 @@ cdef class NetworkPlan:
         self.net.unit_blocks_mem = NULL
         self.net.unit_blocks_team = 0
         self.net.unit_blocks_rows = 0
+        self.net.unit_blocks_full = False
         self.net.unit_rows = 0
         self.net.unit_stop = NULL
         if (L >= 2 and self.net.width[1] >= 2 * UNIT_SPLIT_MIN_UNITS

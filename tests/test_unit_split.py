@@ -1,6 +1,7 @@
 """The unit split (issue 4, small-batch fast path on several threads).
 
-At batch 1 to 64 with plain SGD, ``_net_run`` hands a run of iterations to one parallel
+At batch 1 with plain SGD, and at batches of 2 to 64 rows with any optimizer,
+``_net_run`` hands a run of iterations to one parallel
 region (``_unit_split_run``): each thread owns a block of the first hidden layer's units
 (columns of W0 and b0, rows of W1), the threads meet once per batch to sum their
 partials of layer 1's output, and every thread then runs the rest of the network (the
@@ -216,6 +217,7 @@ def test_workspace_holds_the_last_sample_after_a_unit_split_run(team):
     np.testing.assert_allclose(m_on.predict(X), m_off.predict(X), rtol=1e-9)
 
 
+# (at batch 1, as here, the unit split takes plain SGD only; above it, every optimizer)
 @pytest.mark.parametrize("case", ["accumulate", "momentum", "weight_decay", "adam",
                                   "batch65", "one_thread", "short_run", "few_units"])
 def test_unit_split_is_taken_only_where_it_applies(case):
@@ -271,6 +273,12 @@ def iterations(n, batch, epochs=2, drop_last=False):
     return epochs * (n // batch if drop_last else -(-n // batch))
 
 
+def unit_iterations(sizes, n, batch):
+    """Iterations the unit split takes: all, but none at batch 2 with a first layer of
+    more than 65,536 weights (the hand loops win there)."""
+    return 0 if batch == 2 and sizes[0] * sizes[1] > 65536 else iterations(n, batch)
+
+
 @pytest.mark.parametrize("sizes", [(203, 330, 10), (64, 128, 10), (517, 130, 30, 5),
                                    (100, 40, 3)], ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("batch", [2, 3, 8, 32, 64])
@@ -282,7 +290,7 @@ def test_unit_split_of_batches_trains_as_the_hand_loops_and_the_numpy_backend(
     m_on, m_off = make(sizes, np.float64), make(sizes, np.float64)
     h_on = train(m_on, X, y, True, shuffle=shuffle, batch_size=batch)
     h_off = train(m_off, X, y, False, shuffle=shuffle, batch_size=batch)
-    assert_ran(m_on, iterations(len(X), batch))
+    assert_ran(m_on, unit_iterations(sizes, len(X), batch))
     assert ran(m_off) == 0
     assert_close(m_on, m_off, h_on, h_off, 1e-9)
     ref = make(sizes, np.float64, backend="numpy")
@@ -414,3 +422,104 @@ def test_a_wide_tail_holds_fewer_rows(team, short_runs):
         else:
             assert ran(m_on) == 0
         assert_close(m_on, m_off, h_on, h_off, 1e-9)
+
+
+# ---------------------------------------------------------------- every optimizer, batches
+# Above batch 1 the unit split also takes the optimizers that keep gradient sums and
+# state: each thread steps its own columns of W0 and b0 (from private copies of their
+# state), its rows of W1 (in place) and its copy of the tail (with a copy of the tail's
+# state; thread 0's copy is the optimizer's own).
+OPTIMIZERS = {
+    "momentum": lambda: nf.SGD(lr=0.05, momentum=0.9),
+    "nesterov_wd": lambda: nf.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "weight_decay": lambda: nf.SGD(lr=0.05, weight_decay=1e-2),
+    "adam": lambda: nf.Adam(lr=1e-3, weight_decay=1e-3),
+    "adamw": lambda: nf.Adam(lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True),
+}
+
+
+def optimizer_state(opt):
+    return [st[key] for st in opt._state for key in sorted(st)]
+
+
+@pytest.mark.parametrize("sizes", [(203, 330, 10), (517, 130, 30, 5), (100, 40, 3)],
+                         ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("batch", [2, 8, 32])
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_unit_split_of_batches_with_every_optimizer(team, short_runs, sizes, batch, opt):
+    X, y = data(sizes, np.float64)
+    runs = []
+    for on in (True, False):
+        m, o = make(sizes, np.float64), OPTIMIZERS[opt]()
+        h = train(m, X, y, on, optimizer=o, batch_size=batch)
+        runs.append((m, o, h))
+    (m_on, o_on, h_on), (m_off, o_off, h_off) = runs
+    assert_ran(m_on, unit_iterations(sizes, len(X), batch))
+    assert ran(m_off) == 0
+    assert_close(m_on, m_off, h_on, h_off, 1e-9)
+    for a, b in zip(optimizer_state(o_on), optimizer_state(o_off)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert o_on.iterations == o_off.iterations == h_on.steps
+    for layer in m_on.layers:   # the gradient sums are left at zero, as after any step
+        assert not layer.dW.any() and not layer.db.any()
+    ref, o_ref = make(sizes, np.float64, backend="numpy"), OPTIMIZERS[opt]()
+    h_ref = ref.fit(X, y, loss="cross_entropy", optimizer=o_ref, epochs=2,
+                    batch_size=batch, seed=1)
+    assert_close(m_on, ref, h_on, h_ref, 1e-9)
+
+
+def test_unit_split_with_momentum_continues_across_fits(team, short_runs):
+    # the velocity written back after one fit is where the next fit's run starts from
+    sizes = (203, 330, 40, 10)
+    X, y = data(sizes, np.float64)
+    runs = []
+    for on in (True, False):
+        m, o = make(sizes, np.float64), nf.SGD(lr=0.02, momentum=0.9)
+        for seed in (1, 2, 3):
+            h = train(m, X, y, on, optimizer=o, batch_size=16, epochs=1, seed=seed)
+        runs.append((m, o, h))
+    assert_ran(runs[0][0])
+    assert_close(runs[0][0], runs[1][0], runs[0][2], runs[1][2], 1e-9)
+    for a, b in zip(optimizer_state(runs[0][1]), optimizer_state(runs[1][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_unit_split_with_adam_is_deterministic_whatever_the_alignment(team, short_runs):
+    sizes = (203, 330, 40, 10)
+    X, y = data(sizes, np.float32)
+    results = []
+    for shift in (0, 4, 12):
+        m = make(sizes, np.float32)
+        for layer in (m.layers[0], m.layers[2]):
+            buf = np.empty(layer.W.size + 64, dtype=np.float32)
+            start = (-buf.ctypes.data // 4) % 16 + shift
+            W = buf[start:start + layer.W.size].reshape(layer.W.shape)
+            W[...] = layer.W
+            layer.W = W
+        h = train(m, X, y, True, optimizer=nf.Adam(lr=1e-3), batch_size=8)
+        assert_ran(m)
+        results.append((m.get_weights(), h.batch_losses))
+    for weights, losses in results[1:]:
+        for a, b in zip(weights, results[0][0]):
+            np.testing.assert_array_equal(a, b)
+        assert losses == results[0][1]
+
+
+def test_divergence_with_momentum_stops_the_unit_split_where_the_hand_loops_stop(
+        team, short_runs):
+    sizes = (203, 330, 10)
+    X, y = data(sizes, np.float32, n=100)
+    X[61, 5:45] = np.float32(3e38)
+    results = []
+    for on in (True, False):
+        m, o = make(sizes, np.float32), nf.SGD(lr=0.01, momentum=0.9)
+        with unit_split(on), pytest.raises(nf.DivergenceError) as err:
+            m.fit(X, y, loss="cross_entropy", optimizer=o, epochs=1, batch_size=8,
+                  shuffle=False)
+        results.append((m, o, err.value.history))
+    (m_on, o_on, h_on), (m_off, o_off, h_off) = results
+    assert_ran(m_on, 61 // 8)
+    assert len(h_on.batch_losses) == 61 // 8 == len(h_off.batch_losses)
+    assert_close(m_on, m_off, h_on, h_off, 2e-4)
+    for a, b in zip(optimizer_state(o_on), optimizer_state(o_off)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)
