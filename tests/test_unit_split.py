@@ -87,6 +87,28 @@ def assert_close(m_a, m_b, h_a, h_b, rtol):
     np.testing.assert_allclose(h_a.batch_losses, h_b.batch_losses, rtol=rtol, atol=rtol)
 
 
+def optimizer_state(opt):
+    return [st[key] for st in opt._state for key in sorted(st)]
+
+
+@pytest.fixture
+def short_runs():
+    """Runs of any length take the unit split (the tests' epochs are a few batches)."""
+    old = _kernels._set_unit_split(True, -1, 1)
+    yield
+    _kernels._set_unit_split(*old)
+
+
+def iterations(n, batch, epochs=2, drop_last=False):
+    return epochs * (n // batch if drop_last else -(-n // batch))
+
+
+def unit_iterations(sizes, n, batch):
+    """Iterations the unit split takes: all, but none at batch 2 with a first layer of
+    more than 65,536 weights (the hand loops win there)."""
+    return 0 if batch == 2 and sizes[0] * sizes[1] > 65536 else iterations(n, batch)
+
+
 # 203-330-10: units not a multiple of 16 (blocks end inside a vector); 64-128-10: two
 # layers (the tail is b1 and the loss); 517-130-30-5: a tail of two layers;
 # 100-40-3: the fewest units two threads take (16 and 24); 300-256-7: even blocks
@@ -112,18 +134,22 @@ def test_unit_split_trains_as_the_hand_loops_and_the_numpy_backend(team, sizes, 
     assert (h_on.iterations, h_on.steps) == (h_ref.iterations, h_ref.steps)
 
 
+@pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("hidden", ["tanh", "sigmoid", "leaky_relu"])
-def test_unit_split_with_other_hidden_activations(team, hidden):
+def test_unit_split_with_other_hidden_activations(team, short_runs, hidden, batch):
     sizes = (120, 96, 24, 4)
     X, y = data(sizes, np.float64)
     m_on, m_off = make(sizes, np.float64, hidden), make(sizes, np.float64, hidden)
-    h_on, h_off = train(m_on, X, y, True), train(m_off, X, y, False)
+    h_on = train(m_on, X, y, True, batch_size=batch)
+    h_off = train(m_off, X, y, False, batch_size=batch)
     assert_ran(m_on)
     assert_close(m_on, m_off, h_on, h_off, 1e-9)
 
 
+@pytest.mark.parametrize("batch, shuffle", [(1, True), (16, True), (16, False)],
+                         ids=["batch1", "batch16-shuffled", "batch16-ordered"])
 @pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "cross_entropy_probs"])
-def test_unit_split_with_target_rows(team, loss):
+def test_unit_split_with_target_rows(team, short_runs, loss, batch, shuffle):
     rng = np.random.default_rng(11)
     X = rng.random((130, 90))
     if loss == "mse":
@@ -135,9 +161,9 @@ def test_unit_split_with_target_rows(team, loss):
         T = rng.random((130, 6))
         T /= T.sum(axis=1, keepdims=True)
     models = [make((90, 64, 6), np.float64, last=last) for _ in range(2)]
-    hists = [train(m, X, T, on, loss=name, optimizer=nf.SGD(lr=0.02))
-             for m, on in zip(models, (True, False))]
-    assert_ran(models[0])
+    hists = [train(m, X, T, on, loss=name, optimizer=nf.SGD(lr=0.02), batch_size=batch,
+                   shuffle=shuffle) for m, on in zip(models, (True, False))]
+    assert_ran(models[0], iterations(130, batch))
     assert_close(*models, *hists, 1e-9)
 
 
@@ -158,26 +184,29 @@ def test_unit_split_in_float32_and_its_accuracy_counts(team):
                                atol=1 / 40 + 1e-12)
 
 
-def test_unit_split_is_deterministic_whatever_the_alignment(team):
-    # the blocks' bounds and the tail copies' layout must not depend on where the
-    # arrays lie, or the sums (and the results) would change from process to process
+def off_line(arr, shift):
+    """A copy of float32 ``arr`` starting ``shift`` floats after a 64-byte boundary."""
+    buf = np.empty(arr.size + 64, dtype=np.float32)
+    start = (-buf.ctypes.data // 4) % 16 + shift
+    out = buf[start:start + arr.size].reshape(arr.shape)
+    out[...] = arr
+    return out
+
+
+def assert_same_bits_at_every_alignment(shifts, optimizer=lambda: nf.SGD(lr=0.05), **fit):
+    """W0, W2 and b1 of a 203-330-40-10 float32 model moved ``shift`` floats off a cache
+    line: the same weights and losses, bit for bit, for every shift. The blocks' bounds
+    and the tail copies' layout must not depend on where the arrays lie, or the sums
+    (and the results) would change from process to process."""
     sizes = (203, 330, 40, 10)
     X, y = data(sizes, np.float32)
     results = []
-    for shift in (0, 4, 8, 12, 16):  # bytes / 4: W0, W2 and b1 moved by 0-64 bytes
+    for shift in shifts:
         m = make(sizes, np.float32)
-        for layer in (m.layers[0], m.layers[2]):
-            buf = np.empty(layer.W.size + 64, dtype=np.float32)
-            start = (-buf.ctypes.data // 4) % 16 + shift
-            W = buf[start:start + layer.W.size].reshape(layer.W.shape)
-            W[...] = layer.W
-            layer.W = W
-        buf = np.empty(m.layers[1].b.size + 64, dtype=np.float32)
-        start = (-buf.ctypes.data // 4) % 16 + shift
-        b1 = buf[start:start + m.layers[1].b.size]
-        b1[...] = m.layers[1].b
-        m.layers[1].b = b1
-        h = train(m, X, y, True)
+        m.layers[0].W = off_line(m.layers[0].W, shift)
+        m.layers[2].W = off_line(m.layers[2].W, shift)
+        m.layers[1].b = off_line(m.layers[1].b, shift)
+        h = train(m, X, y, True, optimizer=optimizer(), **fit)
         assert_ran(m)
         results.append((m.get_weights(), h.batch_losses))
     for weights, losses in results[1:]:
@@ -186,23 +215,36 @@ def test_unit_split_is_deterministic_whatever_the_alignment(team):
         assert losses == results[0][1]
 
 
-@pytest.mark.parametrize("bad", [71, 99], ids=["mid-run", "last-sample"])
-def test_divergence_stops_the_unit_split_where_the_hand_loops_stop(team, bad):
+def test_unit_split_is_deterministic_whatever_the_alignment(team):
+    assert_same_bits_at_every_alignment((0, 4, 8, 12, 16))   # 0-64 bytes off
+
+
+# batch 1: sample 71 mid-run, sample 99 the run's last; batches of 8 (the last holds rows
+# 96..99): row 43 mid-run, row 97 in the last batch, row 61 with momentum
+@pytest.mark.parametrize("batch, bad, opt", [(1, 71, "sgd"), (1, 99, "sgd"), (8, 43, "sgd"),
+                                             (8, 97, "sgd"), (8, 61, "momentum")],
+                         ids=["b1-mid-run", "b1-last", "b8-mid-run", "b8-last",
+                              "b8-momentum"])
+def test_divergence_stops_the_unit_split_where_the_hand_loops_stop(team, short_runs, batch,
+                                                                   bad, opt):
     sizes = (203, 330, 10)
     X, y = data(sizes, np.float32, n=100)
     X[bad, 5:45] = np.float32(3e38)      # this sample overflows the forward pass
     results = []
     for on in (True, False):
         m = make(sizes, np.float32)
+        o = nf.SGD(lr=0.01, momentum=0.9 if opt == "momentum" else 0.0)
         with unit_split(on), pytest.raises(nf.DivergenceError) as err:
-            m.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.01), epochs=1,
-                  batch_size=1, shuffle=False)
-        results.append((m, err.value.history))
-    (m_on, h_on), (m_off, h_off) = results
-    assert_ran(m_on, bad)
-    # the History holds the good iterations before it; that sample changed nothing
-    assert len(h_on.batch_losses) == bad == len(h_off.batch_losses)
+            m.fit(X, y, loss="cross_entropy", optimizer=o, epochs=1, batch_size=batch,
+                  shuffle=False)
+        results.append((m, o, err.value.history))
+    (m_on, o_on, h_on), (m_off, o_off, h_off) = results
+    assert_ran(m_on, bad // batch)
+    # the History holds the good iterations before it; that batch changed nothing
+    assert len(h_on.batch_losses) == bad // batch == len(h_off.batch_losses)
     assert_close(m_on, m_off, h_on, h_off, 2e-4)
+    for a, b in zip(optimizer_state(o_on), optimizer_state(o_off)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)
 
 
 def test_workspace_holds_the_last_sample_after_a_unit_split_run(team):
@@ -261,24 +303,6 @@ def test_unit_split_setting_returns_the_previous_one():
 # threads meet once per batch (partials of z1 for the m rows), the tail runs for m rows
 # on every thread's copy, and the steps are W -= lr/m * (sum over the rows).
 
-@pytest.fixture
-def short_runs():
-    """Runs of any length take the unit split (the tests' epochs are a few batches)."""
-    old = _kernels._set_unit_split(True, -1, 1)
-    yield
-    _kernels._set_unit_split(*old)
-
-
-def iterations(n, batch, epochs=2, drop_last=False):
-    return epochs * (n // batch if drop_last else -(-n // batch))
-
-
-def unit_iterations(sizes, n, batch):
-    """Iterations the unit split takes: all, but none at batch 2 with a first layer of
-    more than 65,536 weights (the hand loops win there)."""
-    return 0 if batch == 2 and sizes[0] * sizes[1] > 65536 else iterations(n, batch)
-
-
 @pytest.mark.parametrize("sizes", [(203, 330, 10), (64, 128, 10), (517, 130, 30, 5),
                                    (100, 40, 3)], ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("batch", [2, 3, 8, 32, 64])
@@ -310,37 +334,6 @@ def test_unit_split_of_batches_with_drop_last(team, short_runs):
     assert_close(m_on, m_off, h_on, h_off, 1e-9)
 
 
-@pytest.mark.parametrize("hidden", ["tanh", "sigmoid", "leaky_relu"])
-def test_unit_split_of_batches_with_other_hidden_activations(team, short_runs, hidden):
-    sizes = (120, 96, 24, 4)
-    X, y = data(sizes, np.float64)
-    m_on, m_off = make(sizes, np.float64, hidden), make(sizes, np.float64, hidden)
-    h_on = train(m_on, X, y, True, batch_size=8)
-    h_off = train(m_off, X, y, False, batch_size=8)
-    assert_ran(m_on)
-    assert_close(m_on, m_off, h_on, h_off, 1e-9)
-
-
-@pytest.mark.parametrize("shuffle", [True, False], ids=["shuffled", "ordered"])
-@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "cross_entropy_probs"])
-def test_unit_split_of_batches_with_target_rows(team, short_runs, loss, shuffle):
-    rng = np.random.default_rng(11)
-    X = rng.random((130, 90))
-    if loss == "mse":
-        last, T, name = "identity", rng.standard_normal((130, 6)), "mse"
-    elif loss == "binary_cross_entropy":
-        last, T, name = "sigmoid", (rng.random((130, 6)) < 0.4) * 1.0, "binary_cross_entropy"
-    else:
-        last, name = "softmax", "cross_entropy"
-        T = rng.random((130, 6))
-        T /= T.sum(axis=1, keepdims=True)
-    models = [make((90, 64, 6), np.float64, last=last) for _ in range(2)]
-    hists = [train(m, X, T, on, loss=name, optimizer=nf.SGD(lr=0.02), batch_size=16,
-                   shuffle=shuffle) for m, on in zip(models, (True, False))]
-    assert_ran(models[0], iterations(130, 16))
-    assert_close(*models, *hists, 1e-9)
-
-
 def test_unit_split_of_batches_in_float32_and_its_accuracy_counts(team, short_runs):
     sizes = (203, 330, 10)
     X, y = data(sizes, np.float32)
@@ -354,44 +347,12 @@ def test_unit_split_of_batches_in_float32_and_its_accuracy_counts(team, short_ru
     assert 0 < h_on.history["accuracy"][-1] <= 1
 
 
-def test_unit_split_of_batches_is_deterministic_whatever_the_alignment(team, short_runs):
-    sizes = (203, 330, 40, 10)
-    X, y = data(sizes, np.float32)
-    results = []
-    for shift in (0, 4, 12):
-        m = make(sizes, np.float32)
-        for layer in (m.layers[0], m.layers[2]):
-            buf = np.empty(layer.W.size + 64, dtype=np.float32)
-            start = (-buf.ctypes.data // 4) % 16 + shift
-            W = buf[start:start + layer.W.size].reshape(layer.W.shape)
-            W[...] = layer.W
-            layer.W = W
-        h = train(m, X, y, True, batch_size=8)
-        assert_ran(m)
-        results.append((m.get_weights(), h.batch_losses))
-    for weights, losses in results[1:]:
-        for a, b in zip(weights, results[0][0]):
-            np.testing.assert_array_equal(a, b)
-        assert losses == results[0][1]
-
-
-@pytest.mark.parametrize("bad", [43, 97], ids=["mid-run", "last-batch"])
-def test_divergence_stops_the_unit_split_of_batches_where_the_hand_loops_stop(
-        team, short_runs, bad):
-    sizes = (203, 330, 10)
-    X, y = data(sizes, np.float32, n=100)   # batches of 8: the last one holds rows 96..99
-    X[bad, 5:45] = np.float32(3e38)
-    results = []
-    for on in (True, False):
-        m = make(sizes, np.float32)
-        with unit_split(on), pytest.raises(nf.DivergenceError) as err:
-            m.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.01), epochs=1,
-                  batch_size=8, shuffle=False)
-        results.append((m, err.value.history))
-    (m_on, h_on), (m_off, h_off) = results
-    assert_ran(m_on, bad // 8)
-    assert len(h_on.batch_losses) == bad // 8 == len(h_off.batch_losses)
-    assert_close(m_on, m_off, h_on, h_off, 2e-4)
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_unit_split_of_batches_is_deterministic_whatever_the_alignment(team, short_runs,
+                                                                       opt):
+    assert_same_bits_at_every_alignment(
+        (0, 4, 12), batch_size=8,
+        optimizer=(lambda: nf.Adam(lr=1e-3)) if opt == "adam" else (lambda: nf.SGD(lr=0.05)))
 
 
 def test_workspace_holds_the_last_batch_after_a_unit_split_run(team, short_runs):
@@ -438,10 +399,6 @@ OPTIMIZERS = {
 }
 
 
-def optimizer_state(opt):
-    return [st[key] for st in opt._state for key in sorted(st)]
-
-
 @pytest.mark.parametrize("sizes", [(203, 330, 10), (517, 130, 30, 5), (100, 40, 3)],
                          ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("batch", [2, 8, 32])
@@ -483,43 +440,3 @@ def test_unit_split_with_momentum_continues_across_fits(team, short_runs):
     for a, b in zip(optimizer_state(runs[0][1]), optimizer_state(runs[1][1])):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
-
-def test_unit_split_with_adam_is_deterministic_whatever_the_alignment(team, short_runs):
-    sizes = (203, 330, 40, 10)
-    X, y = data(sizes, np.float32)
-    results = []
-    for shift in (0, 4, 12):
-        m = make(sizes, np.float32)
-        for layer in (m.layers[0], m.layers[2]):
-            buf = np.empty(layer.W.size + 64, dtype=np.float32)
-            start = (-buf.ctypes.data // 4) % 16 + shift
-            W = buf[start:start + layer.W.size].reshape(layer.W.shape)
-            W[...] = layer.W
-            layer.W = W
-        h = train(m, X, y, True, optimizer=nf.Adam(lr=1e-3), batch_size=8)
-        assert_ran(m)
-        results.append((m.get_weights(), h.batch_losses))
-    for weights, losses in results[1:]:
-        for a, b in zip(weights, results[0][0]):
-            np.testing.assert_array_equal(a, b)
-        assert losses == results[0][1]
-
-
-def test_divergence_with_momentum_stops_the_unit_split_where_the_hand_loops_stop(
-        team, short_runs):
-    sizes = (203, 330, 10)
-    X, y = data(sizes, np.float32, n=100)
-    X[61, 5:45] = np.float32(3e38)
-    results = []
-    for on in (True, False):
-        m, o = make(sizes, np.float32), nf.SGD(lr=0.01, momentum=0.9)
-        with unit_split(on), pytest.raises(nf.DivergenceError) as err:
-            m.fit(X, y, loss="cross_entropy", optimizer=o, epochs=1, batch_size=8,
-                  shuffle=False)
-        results.append((m, o, err.value.history))
-    (m_on, o_on, h_on), (m_off, o_off, h_off) = results
-    assert_ran(m_on, 61 // 8)
-    assert len(h_on.batch_losses) == 61 // 8 == len(h_off.batch_losses)
-    assert_close(m_on, m_off, h_on, h_off, 2e-4)
-    for a, b in zip(optimizer_state(o_on), optimizer_state(o_off)):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)
