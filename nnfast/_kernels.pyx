@@ -1854,13 +1854,13 @@ cdef Batch _fetch_batch(const floating* X, Py_ssize_t d, const floating* T, Py_s
 # same values; thread 0's copy is the model's own arrays. The row-split hand loops need
 # three fork/joins per sample and leave the tail to one thread while the others wait
 # (A/1 on 2 threads: libgomp spin-waits 14 % of the samples). Batches of m rows do the
-# same for the m rows at once (_unit_batch_worker): against the row split and hand loops
-# (in-process A/B, 2 threads), A/8 1.70x, A/32 1.39x, A/64 1.30x, B/32 2.39x, B/64
-# 2.03x, B/4 1.35x, B/8 0.98-1.56x; A/2 0.91-1.02x; A/128 0.90x (gemm wins), hence the limit.
-# The row split moves W's rows and the batch's activations between the cores every
-# batch; here only the partials of z1 cross, which also keeps it fast when the VM's
-# cores are slow to talk to each other (B/32 in such a spell: 1.95M samples/s against
-# the row split's 0.82M).
+# same for the m rows at once (_unit_batch_worker), with any optimizer: against the row
+# split and hand loops (in-process A/B, 2 threads, plain SGD) A/8 1.34-1.36x, A/32
+# 1.02x, B/32 1.22x on a calm VM, and A/8 1.70x, A/32 1.39-1.41x, A/64 1.23-1.30x, B/32
+# 2.39-2.52x, B/64 2.03-2.15x in its slow spells, when the cores are slow to talk to
+# each other: the row split moves W's rows and the batch's activations between the
+# cores every batch, here only the partials of z1 cross. With momentum A/8 3.98x, B/32
+# 3.47x. A/128 0.90x (gemm wins), hence the limit.
 cdef bint UNIT_SPLIT = True
 # fewest first-layer units a thread gets, and the largest tail (parameters replicated
 # on every thread: the tail is not split, every thread computes all of it)
@@ -1885,7 +1885,7 @@ cdef size_t UNIT_SPLIT_TAIL_ROW_BYTES = 1 << 20
 def _set_unit_split(bint on, Py_ssize_t min_params=-1, Py_ssize_t min_samples=-1,
                     Py_ssize_t max_batch=-1):
     """Turn the unit split (``_unit_split_run``) on or off, and optionally set the
-    smallest first two layers (in weights) that take it, the fewest iterations of a run
+    smallest first two layers (in weights) that take it, the fewest samples of a run
     and the largest batch; for measuring it and for testing both paths. Returns the
     previous (on, min_params, min_samples, max_batch). The largest batch applies to
     plans made after the call (a plan's tail copies hold that many rows)."""
