@@ -1747,9 +1747,8 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
     samples] of the open accumulation group, carried across calls. Returns the index of
     an iteration whose loss was not finite (it stopped there), else -1.
 
-    Batches of 1 to UNIT_SPLIT_MAX_BATCH rows stepping every batch (at batch 1 with plain
-    SGD) on several threads run as one parallel region instead (``_unit_split_threads``,
-    ``_unit_split_run``). Elsewhere, where
+    Batches of 1 to UNIT_SPLIT_MAX_BATCH rows stepping every batch on several threads
+    run as one parallel region instead (``_unit_split_threads``, ``_unit_split_run``). Elsewhere, where
     ``_first_layer_fusable``, batch it + 1 is fetched before batch it runs, and
     batch it's first-layer backward computes batch it + 1's first product
     (``first_ready`` for the next iteration); within one call only, so the workspace
@@ -1840,9 +1839,9 @@ cdef Batch _fetch_batch(const floating* X, Py_ssize_t d, const floating* T, Py_s
     return b
 
 
-# The unit split: small batches (1 to UNIT_SPLIT_MAX_BATCH rows; at batch 1 plain SGD
-# only, above it any optimizer) stepping every batch on several threads, the whole run
-# in one parallel region with one barrier per batch. Thread t owns a block U_t of the first
+# The unit split: small batches (1 to UNIT_SPLIT_MAX_BATCH rows, any optimizer) stepping
+# every batch on several threads, the whole run in one parallel region with one barrier
+# per batch. Thread t owns a block U_t of the first
 # hidden layer's units: columns U_t of W0 and b0 and rows U_t of W1. Its forward
 # (z0[U_t], a0[U_t], a0[U_t] @ W1[U_t] as a partial of z1), its backward below z1
 # (dX of layer 1 on its rows, which is d a0[U_t], and the steps of its rows of W1 and
@@ -1873,9 +1872,10 @@ cdef Py_ssize_t UNIT_SPLIT_MIN_PARAMS = 0
 cdef Py_ssize_t UNIT_SPLIT_MIN_SAMPLES = 64
 # the largest batch it takes (plans made later hold that many rows in the tail copies)
 cdef Py_ssize_t UNIT_SPLIT_MAX_BATCH = 64
-# at batch 2, the largest first layer (weights) it takes: the hand loops' fused step and
-# next forward win on a large one (in-process A/B: A/2 0.93x plain SGD, 0.99x momentum;
-# B/2 1.35x, 1.41x)
+# at batch 2, and at batch 1 with an optimizer other than plain SGD (those take
+# _unit_batch_worker), the largest first layer (weights) it takes: the hand loops' fused
+# step and next forward win on a large one (in-process A/B: A/2 0.93x plain SGD, 0.99x
+# momentum, A/1 0.86x momentum; B/2 1.35x, 1.41x, B/1 1.28x momentum, 1.60x Adam)
 cdef double UNIT_SPLIT_BATCH2_MAX_W0 = 65536
 # and at most this many bytes of rows of Z, A, G in each thread's copy of the tail
 # (A: 138 values a row, 64 rows in 106 KB; B: 10 values a row)
@@ -1915,13 +1915,15 @@ cdef inline int _unit_split_threads(Net* net, Py_ssize_t bs, int accumulate, bin
                                     const int64_t* group) noexcept nogil:
     """Threads for a unit-split run, or 0 when the run does not take it: batches of at
     most ``unit_rows`` stepping every batch (the steps of different threads' blocks
-    then need no ordering; at batch 1 plain SGD only), at least two threads with
-    UNIT_SPLIT_MIN_UNITS units each."""
+    then need no ordering), at least two threads with UNIT_SPLIT_MIN_UNITS units each,
+    and at batch 2 (or 1, but for plain SGD) a first layer of at most
+    UNIT_SPLIT_BATCH2_MAX_W0 weights."""
     cdef int t = min(_num_threads, net.scratch_threads)
     if (not UNIT_SPLIT or net.unit_view == NULL or bs < 1 or bs > net.unit_rows
-            or accumulate != 1 or (bs == 1 and not fold_ok) or group[0] != 0 or t < 2):
+            or accumulate != 1 or group[0] != 0 or t < 2):
         return 0
-    if bs == 2 and <double>net.width[0] * net.width[1] > UNIT_SPLIT_BATCH2_MAX_W0:
+    if ((bs == 2 or (bs == 1 and not fold_ok))
+            and <double>net.width[0] * net.width[1] > UNIT_SPLIT_BATCH2_MAX_W0):
         return 0
     if (<double>net.width[0] * net.width[1] + <double>net.width[1] * net.width[2]
             < UNIT_SPLIT_MIN_PARAMS):
@@ -1971,12 +1973,12 @@ cdef floating* _unit_block(Net* net, const floating* typed, int t, int team,
 
 
 cdef inline Py_ssize_t _unit_batch_len(Net* net, const floating* typed, int t, int team,
-                                       Py_ssize_t rows) noexcept nogil:
-    """Values of a block's copy of the batch (rows > 1): X's rows, T's rows, the labels
-    (int64) and room for the transpose of W1's rows in ``_small_nt_ld``, each part on
-    whole cache lines."""
+                                       Py_ssize_t rows, bint full) noexcept nogil:
+    """Values of a block's copy of the batch (for ``_unit_batch_worker``: rows > 1, or
+    ``full``): X's rows, T's rows, the labels (int64) and room for the transpose of
+    W1's rows in ``_small_nt_ld``, each part on whole cache lines."""
     cdef Py_ssize_t q = 64 // sizeof(floating)
-    if rows <= 1:
+    if rows <= 1 and not full:
         return 0
     return (rows * _up(net.width[0], q) + rows * _up(net.width[net.n_layers], q)
             + _up(rows * 8 // sizeof(floating), q)
@@ -1990,7 +1992,8 @@ cdef inline Py_ssize_t _unit_block_offset(Net* net, const floating* typed, int t
         int s
     for s in range(t):
         ld = _unit_ld(net, typed, s, team)
-        off += ld * (net.width[0] + 3 * rows + 1) + _unit_batch_len(net, typed, s, team, rows)
+        off += (ld * (net.width[0] + 3 * rows + 1)
+                + _unit_batch_len(net, typed, s, team, rows, full))
         if full:
             off += 3 * ld * (net.width[0] + 1)
     return off
@@ -2325,7 +2328,7 @@ cdef void _unit_batch_worker(Net* net, const floating* X, Py_ssize_t d, const fl
                              Py_ssize_t it1, int loss, OptSpec* opt, bint fold,
                              double* out_loss, int64_t* out_correct,
                              Py_ssize_t* failed) noexcept nogil:
-    """``_unit_split_worker`` for batches of 2..``unit_rows`` rows (iteration it: rows
+    """``_unit_split_worker`` for batches of 1..``unit_rows`` rows (iteration it: rows
     it * bs .. of the epoch, the last one possibly short). Each thread copies the batch
     (X's rows, and T's rows or the labels) into its block, then per batch:
     z0[:, U_t] = X @ W0[:, U_t] and a0, its partial a0[:, U_t] @ W1[U_t] of z1; the
@@ -2482,9 +2485,9 @@ cdef Py_ssize_t _unit_split_run(Net* net, const floating* X, Py_ssize_t d,
                                 int team, bint fold) noexcept nogil:
     """Iterations it0..it1-1 of an epoch of batches of ``bs``, a step every batch, in
     one parallel region of ``team`` threads (see the notes above ``UNIT_SPLIT``); the
-    result of ``_net_run``. ``fold``: plain SGD (the only optimizer at batch 1). At
-    batch 1, within each block the operations are those of the hand loops on one
-    thread; z1's terms are summed per block and then across blocks."""
+    result of ``_net_run``. ``fold``: plain SGD. At batch 1 with plain SGD
+    (``_unit_split_worker``), within each block the operations are those of the hand
+    loops on one thread; z1's terms are summed per block and then across blocks."""
     cdef:
         int L = net.n_layers, p, l, j
         Py_ssize_t failed = -1, done, nb, nw
@@ -2520,7 +2523,7 @@ cdef Py_ssize_t _unit_split_run(Net* net, const floating* X, Py_ssize_t d,
                 if l >= 2:
                     view[(V_PARTS + 2) * L + 2 * l] = view[V_S2W * L + l]
                     memcpy(view[V_S2W * L + l], opt.s2[2 * l], nw * sizeof(floating))
-    if bs == 1:
+    if bs == 1 and fold:
         with parallel(num_threads=team):
             _unit_split_worker(net, X, d, T, kt, labels, order, it0, it1, loss, opt,
                                out_loss, out_correct, &failed)

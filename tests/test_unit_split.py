@@ -1,6 +1,6 @@
 """The unit split (issue 4, small-batch fast path on several threads).
 
-At batch 1 with plain SGD, and at batches of 2 to 64 rows with any optimizer,
+At batches of 1 to 64 rows with any optimizer stepping every batch,
 ``_net_run`` hands a run of iterations to one parallel
 region (``_unit_split_run``): each thread owns a block of the first hidden layer's units
 (columns of W0 and b0, rows of W1), the threads meet once per batch to sum their
@@ -103,10 +103,11 @@ def iterations(n, batch, epochs=2, drop_last=False):
     return epochs * (n // batch if drop_last else -(-n // batch))
 
 
-def unit_iterations(sizes, n, batch):
-    """Iterations the unit split takes: all, but none at batch 2 with a first layer of
-    more than 65,536 weights (the hand loops win there)."""
-    return 0 if batch == 2 and sizes[0] * sizes[1] > 65536 else iterations(n, batch)
+def unit_iterations(sizes, n, batch, plain_sgd=True):
+    """Iterations the unit split takes: all, but none at batch 2 (or 1, but for plain
+    SGD) with a first layer of more than 65,536 weights (the hand loops win there)."""
+    small = batch == 2 or (batch == 1 and not plain_sgd)
+    return 0 if small and sizes[0] * sizes[1] > 65536 else iterations(n, batch)
 
 
 # 203-330-10: units not a multiple of 16 (blocks end inside a vector); 64-128-10: two
@@ -259,11 +260,13 @@ def test_workspace_holds_the_last_sample_after_a_unit_split_run(team):
     np.testing.assert_allclose(m_on.predict(X), m_off.predict(X), rtol=1e-9)
 
 
-# (at batch 1, as here, the unit split takes plain SGD only; above it, every optimizer)
+# (at batch 1, as here, the optimizers but plain SGD take it only for a first layer of
+# at most 65,536 weights: here 76,800)
 @pytest.mark.parametrize("case", ["accumulate", "momentum", "weight_decay", "adam",
                                   "batch65", "one_thread", "short_run", "few_units"])
 def test_unit_split_is_taken_only_where_it_applies(case):
-    sizes = (100, 24, 3) if case == "few_units" else (100, 64, 3)
+    sizes = {"few_units": (100, 24, 3), "momentum": (300, 256, 3),
+             "weight_decay": (300, 256, 3), "adam": (300, 256, 3)}.get(case, (100, 64, 3))
     X, y = data(sizes, np.float64, n=40 if case == "short_run" else 150)
     opt = {"momentum": nf.SGD(lr=0.05, momentum=0.9),
            "weight_decay": nf.SGD(lr=0.05, weight_decay=1e-3),
@@ -386,8 +389,8 @@ def test_a_wide_tail_holds_fewer_rows(team, short_runs):
 
 
 # ---------------------------------------------------------------- every optimizer, batches
-# Above batch 1 the unit split also takes the optimizers that keep gradient sums and
-# state: each thread steps its own columns of W0 and b0 (from private copies of their
+# The unit split also takes the optimizers that keep gradient sums and state (at batch
+# 1 too, through the batch worker): each thread steps its own columns of W0 and b0 (from private copies of their
 # state), its rows of W1 (in place) and its copy of the tail (with a copy of the tail's
 # state; thread 0's copy is the optimizer's own).
 OPTIMIZERS = {
@@ -401,7 +404,7 @@ OPTIMIZERS = {
 
 @pytest.mark.parametrize("sizes", [(203, 330, 10), (517, 130, 30, 5), (100, 40, 3)],
                          ids=lambda s: "-".join(map(str, s)))
-@pytest.mark.parametrize("batch", [2, 8, 32])
+@pytest.mark.parametrize("batch", [1, 2, 8, 32])
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_unit_split_of_batches_with_every_optimizer(team, short_runs, sizes, batch, opt):
     X, y = data(sizes, np.float64)
@@ -411,7 +414,7 @@ def test_unit_split_of_batches_with_every_optimizer(team, short_runs, sizes, bat
         h = train(m, X, y, on, optimizer=o, batch_size=batch)
         runs.append((m, o, h))
     (m_on, o_on, h_on), (m_off, o_off, h_off) = runs
-    assert_ran(m_on, unit_iterations(sizes, len(X), batch))
+    assert_ran(m_on, unit_iterations(sizes, len(X), batch, plain_sgd=False))
     assert ran(m_off) == 0
     assert_close(m_on, m_off, h_on, h_off, 1e-9)
     for a, b in zip(optimizer_state(o_on), optimizer_state(o_off)):
