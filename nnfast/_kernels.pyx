@@ -2220,6 +2220,30 @@ cdef inline bint _unit_stopped(Net* net, int team, Py_ssize_t it) noexcept nogil
     return False
 
 
+cdef inline void _unit_copy_cols(floating* dst, Py_ssize_t dld, const floating* src,
+                                 Py_ssize_t sld, Py_ssize_t rows,
+                                 Py_ssize_t n) noexcept nogil:
+    """n values of each of ``rows`` rows, from rows sld apart to rows dld apart."""
+    cdef Py_ssize_t i
+    for i in range(rows):
+        memcpy(dst + i * dld, src + i * sld, n * sizeof(floating))
+
+
+cdef void _unit_write_back(Net* net, const floating* block, Py_ssize_t ld, Py_ssize_t rows,
+                           Py_ssize_t c0, Py_ssize_t units) noexcept nogil:
+    """The end of a unit-split run: thread's block (``_unit_block``) back into its columns
+    of W0 and b0, and the first ``rows`` rows of its z0, a0 and d z0 into the workspace
+    (which then holds the run's last batch, as after the other paths)."""
+    cdef:
+        Py_ssize_t n0 = net.width[0], n1 = net.width[1], blk = net.unit_blocks_rows
+        const floating* z = block + n0 * ld
+    _unit_copy_cols(<floating*>net.W[0] + c0, n1, block, ld, n0, units)
+    memcpy(<floating*>net.b[0] + c0, z + 3 * blk * ld, units * sizeof(floating))
+    _unit_copy_cols(<floating*>net.Z[0] + c0, n1, z, ld, rows, units)
+    _unit_copy_cols(<floating*>net.A[0] + c0, n1, z + blk * ld, ld, rows, units)
+    _unit_copy_cols(<floating*>net.G[0] + c0, n1, z + 2 * blk * ld, ld, rows, units)
+
+
 cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const floating* T,
                              Py_ssize_t kt, const int64_t* labels, const int64_t* order,
                              Py_ssize_t it0, Py_ssize_t it1, int loss, OptSpec* opt,
@@ -2258,8 +2282,7 @@ cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const fl
         double total
         bint stop = False
     w1 = <floating*>net.W[1] + c0 * n2  # rows U_t of W1
-    for i in range(n0):
-        memcpy(block + i * ld, w0 + i * n1 + c0, units * sizeof(floating))
+    _unit_copy_cols(block, ld, w0 + c0, n1, n0, units)
     memcpy(b, <floating*>net.b[0] + c0, units * sizeof(floating))
     x = X + (order[it0] if order != NULL else it0) * d
     _forward_cols(x, n0, block, ld, units, z)
@@ -2305,21 +2328,7 @@ cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const fl
     nnf_barrier()  # (a loss of the run's last sample is seen here)
     if tid == 0 and failed[0] < 0 and _unit_stopped(net, team, it1 - 1):
         failed[0] = it1 - 1
-    for i in range(n0):
-        memcpy(w0 + i * n1 + c0, block + i * ld, units * sizeof(floating))
-    memcpy(<floating*>net.b[0] + c0, b, units * sizeof(floating))
-    memcpy(<floating*>net.Z[0] + c0, z, units * sizeof(floating))
-    memcpy(<floating*>net.A[0] + c0, a, units * sizeof(floating))
-    memcpy(<floating*>net.G[0] + c0, g, units * sizeof(floating))
-
-
-cdef inline void _unit_copy_cols(floating* dst, Py_ssize_t dld, const floating* src,
-                                 Py_ssize_t sld, Py_ssize_t rows,
-                                 Py_ssize_t n) noexcept nogil:
-    """n values of each of ``rows`` rows, from rows sld apart to rows dld apart."""
-    cdef Py_ssize_t i
-    for i in range(rows):
-        memcpy(dst + i * dld, src + i * sld, n * sizeof(floating))
+    _unit_write_back(net, block, ld, 1, c0, units)
 
 
 cdef void _unit_batch_worker(Net* net, const floating* X, Py_ssize_t d, const floating* T,
@@ -2463,8 +2472,7 @@ cdef void _unit_batch_worker(Net* net, const floating* X, Py_ssize_t d, const fl
     nnf_barrier()  # (a loss of the run's last batch is seen here)
     if tid == 0 and failed[0] < 0 and _unit_stopped(net, team, it1 - 1):
         failed[0] = it1 - 1
-    _unit_copy_cols(w0 + c0, n1, block, ld, n0, units)
-    memcpy(<floating*>net.b[0] + c0, b, units * sizeof(floating))
+    _unit_write_back(net, block, ld, m, c0, units)
     if not fold:
         if s1w0 != NULL:
             _unit_copy_cols(s1w0 + c0, n1, s1b, ld, n0, units)
@@ -2472,9 +2480,6 @@ cdef void _unit_batch_worker(Net* net, const floating* X, Py_ssize_t d, const fl
         if s2w0 != NULL:
             _unit_copy_cols(s2w0 + c0, n1, s2b, ld, n0, units)
             memcpy(<floating*>opt.s2[1] + c0, s2b + n0 * ld, units * sizeof(floating))
-    _unit_copy_cols(<floating*>net.Z[0] + c0, n1, z, ld, m, units)
-    _unit_copy_cols(<floating*>net.A[0] + c0, n1, a, ld, m, units)
-    _unit_copy_cols(<floating*>net.G[0] + c0, n1, g, ld, m, units)
 
 
 cdef Py_ssize_t _unit_split_run(Net* net, const floating* X, Py_ssize_t d,
