@@ -1218,3 +1218,83 @@ class TestInconvenientArrays:
         model.compute_gradients(X, y, loss="cross_entropy")
         np.testing.assert_array_equal(X, Xc)
         np.testing.assert_array_equal(y, yc)
+
+
+# ---------------------------------------------------------------------------------------
+# the NaN/inf scan itself: the compiled bit test against np.isfinite
+# ---------------------------------------------------------------------------------------
+def _kernel_builds():
+    from nnfast import _compiled
+    return [_compiled.module_for(name) for name in _compiled.available_variants()]
+
+
+def _special_values(dtype):
+    """Finite values at every edge of the exponent range, and every kind of non-finite
+    one (quiet and signalling NaNs with payloads, either sign)."""
+    info = np.finfo(dtype)
+    uint = np.uint32 if dtype == np.float32 else np.uint64
+    bits = 32 if dtype == np.float32 else 64
+    mant = info.nmant
+    exp_all_ones = ((1 << (bits - 1 - mant)) - 1) << mant
+    sign = 1 << (bits - 1)
+    nonfinite = [exp_all_ones, exp_all_ones | sign,                     # +inf, -inf
+                 exp_all_ones | (1 << (mant - 1)), exp_all_ones | 1,     # quiet, signalling
+                 exp_all_ones | sign | 1, exp_all_ones | ((1 << mant) - 1)]
+    finite = [info.max, -info.max, info.tiny, info.tiny / 2, info.smallest_subnormal,
+              -0.0, 0.0, 1.0, np.nextafter(info.max, 0, dtype=dtype)]
+    return (np.array(finite, dtype=dtype),
+            np.array(nonfinite, dtype=uint).view(dtype))
+
+
+class TestFiniteScan:
+    @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+    def test_every_value_kind_matches_isfinite(self, dtype):
+        finite, nonfinite = _special_values(dtype)
+        assert np.isfinite(finite).all() and not np.isfinite(nonfinite).any()
+        for k in _kernel_builds():
+            assert k.all_finite(finite)
+            for v in nonfinite:
+                assert not k.all_finite(np.array([v], dtype=dtype)), (k.__name__, v)
+
+    @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+    @pytest.mark.parametrize("where", ["first", "block end", "block start", "last"])
+    def test_one_bad_entry_anywhere(self, dtype, where):
+        block = 1 << 16  # the kernel's FINITE_BLOCK: scanned between looks for a hit
+        n = 3 * block + 5
+        pos = {"first": 0, "block end": block - 1, "block start": block,
+               "last": n - 1}[where]
+        rng = np.random.default_rng(pos)
+        x = (rng.standard_normal(n) * 1e30).astype(dtype)
+        _, nonfinite = _special_values(dtype)
+        for k in _kernel_builds():
+            assert k.all_finite(x)
+            for v in nonfinite:
+                y = x.copy()
+                y[pos] = v
+                assert not k.all_finite(y), (k.__name__, where, v)
+
+    def test_empty_and_read_only(self):
+        for k in _kernel_builds():
+            assert k.all_finite(np.zeros(0, np.float32))
+            x = np.full(10, np.inf)
+            x.setflags(write=False)
+            assert not k.all_finite(x)
+
+    @pytest.mark.parametrize("layout", ["C", "F", "strided", "float16", "big-endian",
+                                        "3-D", "1-D", "complex"])
+    def test_check_finite_on_either_path(self, layout):
+        """check_finite takes the compiled scan for contiguous float32/float64 and NumPy's
+        chunks for everything else; both find a NaN anywhere and pass finite data."""
+        from nnfast._validation import check_finite
+        base = np.random.default_rng(1).standard_normal((20000, 6))
+        arr = {"C": base.astype(np.float32), "F": np.asfortranarray(base),
+               "strided": base[::3, ::2], "float16": base.astype(np.float16),
+               "big-endian": base.astype(">f4"), "3-D": base.reshape(100, 200, 6),
+               "1-D": base.reshape(-1), "complex": base.astype(np.complex64)}[layout]
+        check_finite(arr, "X")
+        for index in [(0,) * arr.ndim, tuple(s - 1 for s in arr.shape),
+                      tuple(s // 2 for s in arr.shape)]:
+            bad = arr.copy(order="K")
+            bad[index] = np.nan
+            with pytest.raises(ValueError, match="X contains NaN"):
+                check_finite(bad, "X")
