@@ -383,6 +383,63 @@ def test_resume_into_another_model_is_refused(tmp_path, other):
         model.fit(X, y, optimizer=nf.SGD(lr=0.05), checkpoint=ckpt, resume=True, **FIT)
 
 
+def _other_data(X, y, change):
+    X, y = X.copy(), y.copy()
+    if change == "one value by one ulp":
+        X[101, 3] = np.nextafter(np.float32(X[101, 3]), np.float32(np.inf))
+    elif change == "two rows swapped":
+        X[[5, 150]] = X[[150, 5]]
+        y[[5, 150]] = y[[150, 5]]
+    elif change == "one label":
+        y[77] = (y[77] + 1) % 3
+    return X, y
+
+
+@pytest.mark.parametrize("change", ["one value by one ulp", "two rows swapped", "one label"])
+def test_resume_on_other_data_is_refused(tmp_path, change):
+    """The checkpoint keeps a CRC-32 of the training rows and targets: continuing the saved
+    permutation on other data would silently train on something else."""
+    X, y = make_data()
+    ckpt = tmp_path / "c.npz"
+    make_model().fit(X, y, optimizer=nf.SGD(lr=0.05), checkpoint=ckpt, **dict(FIT, epochs=2))
+    X2, y2 = _other_data(X, y, change)
+    model, opt = make_model(seed=4), nf.SGD(lr=0.05)
+    before = model.get_weights()
+    with pytest.raises(ValueError, match="other training data"):
+        model.fit(X2, y2, optimizer=opt, checkpoint=ckpt, resume=True, **FIT)
+    assert_same_weights(model.get_weights(), before)          # nothing was loaded
+    assert opt.iterations == 0
+    with pytest.raises(ValueError, match="other training data"):
+        nf.resume(ckpt, X2, y2, epochs=4)
+
+
+@pytest.mark.parametrize("same", ["float32 copy", "Fortran order", "int32 labels",
+                                  "checkpoint without the CRC"])
+def test_resume_on_the_same_data_in_another_form(tmp_path, same):
+    """The fingerprint is of the data as trained on (the model's dtype, C order, int64
+    labels), so the same values in another form resume; so do checkpoints written before
+    the fingerprint existed. Either way the run equals the uninterrupted one."""
+    X, y = make_data()
+    ref = make_model()
+    ref.fit(X, y, optimizer=nf.SGD(lr=0.05), **FIT)
+    ckpt = tmp_path / "c.npz"
+    make_model().fit(X, y, optimizer=nf.SGD(lr=0.05), checkpoint=ckpt, **dict(FIT, epochs=2))
+    X2, y2 = X, y
+    if same == "float32 copy":
+        X2 = X.astype(np.float32)
+    elif same == "Fortran order":
+        X2 = np.asfortranarray(X)
+    elif same == "int32 labels":
+        y2 = y.astype(np.int32)
+    else:
+        old = tmp_path / "old.npz"
+        _rewrite(ckpt, old, header=lambda h: h["checkpoint"].pop("data_crc32"))
+        ckpt = old
+    model = make_model(seed=4)
+    model.fit(X2, y2, optimizer=nf.SGD(lr=0.05), checkpoint=ckpt, resume=True, **FIT)
+    assert_same_weights(model.get_weights(), ref.get_weights())
+
+
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(checkpoint_every=3), ValueError, "checkpoint_every"),
     (dict(resume=True), ValueError, "resume"),
