@@ -541,15 +541,16 @@ cdef void _scale_by_slope(floating* g, floating* a, Py_ssize_t m, int n, int act
             _scale_by_slope_rows(g, a, n, act, lo, hi)
 
 
-cdef void _add_column_sums(const floating* g, floating* out, Py_ssize_t m, int n) noexcept nogil:
-    """out[j] += sum_r G[r, j]; rows outer so the inner loop is contiguous."""
-    cdef:
-        Py_ssize_t r, j
-        const floating* gr
+cdef void _add_column_sums(const floating* g, floating* out, Py_ssize_t m, int n,
+                           floating alpha) noexcept nogil:
+    """out[j] += alpha * G[r, j] for r = 0..m-1 in turn: the bias gradient sum (alpha 1)
+    or plain SGD's bias step (alpha -lr/M). Rows outer, so the inner loop is contiguous.
+
+    Serial: blocks of columns on the OpenMP threads measured no faster (A/512 1.005x,
+    A/128 0.994x, A/256 1.02x, in-process A/B, 6 pairs each)."""
+    cdef Py_ssize_t r
     for r in range(m):
-        gr = g + r * n
-        for j in range(n):
-            out[j] = out[j] + gr[j]
+        _axpy(out, alpha, g + r * n, n)
 
 
 # ----------------------------------------------------------------------------------
@@ -747,7 +748,7 @@ def dense_backward_params(const floating[:, ::1] X, const floating[:, ::1] dZ,
     with nogil:
         _pgemm(True, False, <int>k, <int>n, <int>m, <floating>1, <floating*>&X[0, 0], <int>k,
                <floating*>&dZ[0, 0], <int>n, <floating>1, &dW[0, 0], <int>n)
-        _add_column_sums(<floating*>&dZ[0, 0], &db[0], m, <int>n)
+        _add_column_sums(<floating*>&dZ[0, 0], &db[0], m, <int>n, <floating>1)
 
 
 @cython.boundscheck(False)
@@ -1349,7 +1350,7 @@ cdef void _small_backward(Net* net, const floating* x, const floating* dz, Py_ss
     product X_next @ W into Z[0], through the rows just stepped."""
     cdef:
         int nthreads = _small_threads(net, k, n), t
-        Py_ssize_t r, chunk, lo, hi
+        Py_ssize_t chunk, lo, hi
         floating neg = <floating>(-opt.lr * scale) if fold else 0
         floating* z_next = <floating*>net.Z[0]
     if x_next != NULL:
@@ -1377,10 +1378,9 @@ cdef void _small_backward(Net* net, const floating* x, const floating* dz, Py_ss
             _small_backward_rows(x, dz, m, k, n, w, dw, dx, a_prev, act_prev, opt, jw,
                                  update, fold, scale, lo, hi)
     if fold:
-        for r in range(m):
-            _axpy(b, neg, dz + r * n, n)
+        _add_column_sums(dz, b, m, n, neg)
     else:
-        _add_column_sums(dz, db, m, n)
+        _add_column_sums(dz, db, m, n, <floating>1)
         if update:
             _update_range(opt, jw + 1, b, db, scale, 0, n)
 
@@ -1392,7 +1392,6 @@ cdef void _blas_backward(const floating* x, floating* dz, Py_ssize_t m, int k, i
                          double scale) noexcept nogil:
     """Backward of one layer with gemm; dX first, since the update changes W."""
     cdef:
-        Py_ssize_t r
         floating neg = <floating>(-opt.lr * scale) if fold else 0
     if dx != NULL:
         _pgemm(False, True, <int>m, k, n, <floating>1, dz, n, w, n, <floating>0, dx, k)
@@ -1400,11 +1399,10 @@ cdef void _blas_backward(const floating* x, floating* dz, Py_ssize_t m, int k, i
     if fold:
         # plain SGD folded into the product: W += (-lr/M) X^T dZ
         _matmul_nn(k, n, m, neg, x, 1, k, dz, w, True)
-        for r in range(m):
-            _axpy(b, neg, dz + r * n, n)
+        _add_column_sums(dz, b, m, n, neg)
         return
     _matmul_nn(k, n, m, <floating>1, x, 1, k, dz, dw, True)
-    _add_column_sums(dz, db, m, n)
+    _add_column_sums(dz, db, m, n, <floating>1)
     if update:
         _update_array(opt, jw, w, dw, <Py_ssize_t>k * n, scale)
         _update_array(opt, jw + 1, b, db, n, scale)

@@ -559,6 +559,26 @@ def test_backend_forward_and_accumulate_direct(dtype):
         assert_close(lc.db, ln.db, dtype, scale=np.abs(ln.db).max() * 10)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [40, 64, 100, 257, 300])
+def test_bias_sums_add_rows_in_order_on_any_thread_count(dtype, N, restore_threads):
+    """db += the column sums of dZ, one row after another, whatever the thread count: the
+    result is the sequential sum exactly (np.cumsum adds in row order), which a split of
+    the rows across threads (partial sums added at the end) would not give."""
+    M = 900
+    assert M * N >= 32768   # PAR_MIN_ELEMS: large enough to split (from 64 columns)
+    rng = rng_for("bias-sums", dtype, N)
+    X = rng.standard_normal((M, 3)).astype(dtype)
+    dZ = rng.standard_normal((M, N)).astype(dtype)
+    db0 = rng.standard_normal(N).astype(dtype)
+    want = np.cumsum(np.vstack([db0, dZ]), axis=0, dtype=dtype)[-1]
+    for threads in (1, 2, 3):
+        _kernels.set_kernel_threads(threads)
+        dW, db = np.zeros((3, N), dtype=dtype), db0.copy()
+        _kernels.dense_backward_params(X, dZ, dW, db)
+        np.testing.assert_array_equal(db, want, err_msg=f"{threads} threads")
+
+
 # ----------------------------------------------------------------------------------------
 # threads: sizes past the parallel thresholds give the same result on 1 and n threads
 # ----------------------------------------------------------------------------------------
