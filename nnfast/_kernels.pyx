@@ -326,17 +326,27 @@ cdef void _pgemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha
 #   A @ B:   32x256x784 0.61, 96x256x784 0.79, 192x256x784 0.89, 256x256x784 1.13,
 #            128x128x256 0.80, 256x128x256 0.93;
 #   A^T @ B: 784x256x32 0.90, 784x256x64 1.14, 784x256x256 1.40, 256x128x64 0.92,
-#            128x10x256 0.53, 64x128x256 0.71.
+#            64x128x256 0.71.
 cdef Py_ssize_t HAND_NN_ROWS = 192
 cdef Py_ssize_t HAND_TN_ROWS = 128
 cdef Py_ssize_t HAND_TN_INNER = 32
 # A @ B^T: the 2x4 tiles end in horizontal sums; gemm wins from about 48 rows.
 cdef Py_ssize_t HAND_NT_ROWS = 48
+# Products narrower than this (the 10-wide output layer) take gemm: OpenBLAS's small-matrix
+# kernels (SkylakeX build, chosen on Zen 4 too) beat a 16-wide tile that is mostly masked.
+# Hand / gemm time, median of 3 interleaved rounds, 2 threads where the product splits:
+#   A^T @ B: 128x10x32 1.14, 128x10x64 1.22, 128x10x128 1.33, 128x10x256 1.43,
+#            128x10x512 1.33, 64x10x256 1.43, 128x3x256 1.75; 128x16x256 1.01;
+#   A @ B:   32x10x128 1.05, 64x10x128 1.06, 128x10x128 1.11, 192x10x128 1.12;
+#            128x16x128 1.01, and 128x10x8 or 16x10x128 0.98-1.00.
+# (The table above once had A^T @ B 128x10x256 at 0.53; remeasured here, 1.43.)
+cdef Py_ssize_t HAND_MIN_COLS = 16
 
 
-cdef inline bint _hand_product(Py_ssize_t m, Py_ssize_t k, bint a_transposed) noexcept nogil:
+cdef inline bint _hand_product(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                               bint a_transposed) noexcept nogil:
     """Whether C[m, n] = op(A)[m, k] @ B takes the hand kernels (float32 callers only)."""
-    if not NNF_HAVE_SMALL_GEMM:
+    if not NNF_HAVE_SMALL_GEMM or n < HAND_MIN_COLS:
         return False
     if a_transposed:
         return m <= HAND_TN_ROWS or k <= HAND_TN_INNER
@@ -354,7 +364,7 @@ cdef inline void _small_nn_ld(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
     float32 takes the hand kernels of _smallgemm.h where ``_hand_product`` says they win;
     everything else takes gemm."""
     cdef bint as_stored = csa == 1 and rsa >= k  # not A^T (gemm's lda >= k when k == 1)
-    if floating is float and _hand_product(m, k, not as_stored):
+    if floating is float and _hand_product(m, n, k, not as_stored):
         nnf_sgemm_nn(m, n, k, alpha, a, rsa, csa, b, ldb, c, ldc, accumulate)
     elif as_stored:
         _gemm(False, False, <int>m, n, <int>k, alpha, <floating*>a, <int>rsa, <floating*>b,
@@ -383,7 +393,7 @@ cdef void _matmul_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha, const fl
         int nthreads = _num_threads
         int t, lo, hi, chunk
         bint as_stored = csa == 1 and rsa >= k  # as in _small_nn
-    if floating is not float or not _hand_product(m, k, not as_stored):
+    if floating is not float or not _hand_product(m, n, k, not as_stored):
         if not as_stored:
             _pgemm(True, False, <int>m, n, <int>k, alpha, <floating*>a, <int>csa,
                    <floating*>b, n, <floating>(1 if accumulate else 0), c, n)
@@ -964,16 +974,20 @@ def _set_row_split_rows(Py_ssize_t min_rows_per_thread, Py_ssize_t min_batch):
 
 
 def _set_hand_product_limits(Py_ssize_t nn_rows, Py_ssize_t tn_rows, Py_ssize_t tn_inner,
-                             Py_ssize_t nt_rows):
+                             Py_ssize_t nt_rows, Py_ssize_t min_cols=-1):
     """HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS (0 sends every product of
-    that form to gemm: for measuring the crossovers and for testing both paths); returns
-    the old four."""
-    global HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS
+    that form to gemm: for measuring the crossovers and for testing both paths) and, unless
+    -1, HAND_MIN_COLS (0: narrow products on the hand kernels too); returns the old five."""
+    global HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS, HAND_MIN_COLS
     for v in (nn_rows, tn_rows, tn_inner, nt_rows):
         if v < 0:
             raise ValueError("hand product limits must be >= 0")
-    old = (HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS)
+    if min_cols < -1:
+        raise ValueError("min_cols must be >= 0 (or -1: unchanged)")
+    old = (HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS, HAND_MIN_COLS)
     HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS = nn_rows, tn_rows, tn_inner, nt_rows
+    if min_cols >= 0:
+        HAND_MIN_COLS = min_cols
     return old
 
 

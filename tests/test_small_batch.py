@@ -145,9 +145,18 @@ def _small_ref(form, A, B, C0, alpha, accumulate):
     return alpha * prod + (C0.astype(np.float64) if accumulate else 0.0)
 
 
+@pytest.fixture
+def narrow_on_hand_kernels():
+    """Products of every width on the hand kernels (narrow ones take gemm by default)."""
+    old = _kernels._set_hand_product_limits(0, 0, 0, 0)
+    _kernels._set_hand_product_limits(*old[:4], 0)
+    yield
+    _kernels._set_hand_product_limits(*old)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("form", ["nn", "tn", "nt"])
-def test_small_products_at_every_tile_edge(form, dtype):
+def test_small_products_at_every_tile_edge(form, dtype, narrow_on_hand_kernels):
     rng = np.random.default_rng(7)
     tol = 2e-6 if dtype == np.float32 else 1e-13
     for m in SMALL_M:
@@ -170,9 +179,10 @@ def test_small_products_at_every_tile_edge(form, dtype):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("form", ["nn", "tn"])
 def test_layer_sized_products_on_both_paths(form, threads):
-    """The products of the larger layers, on the hand kernels and on gemm (limits 0): inner
-    dimensions across the hand kernels' 256-row blocks, rows on both sides of the
-    crossovers, columns split in 16-wide blocks across threads or, when narrow, rows."""
+    """The products of the larger layers as the crossovers send them, all on gemm (limits
+    0) and all on the hand kernels (narrow ones too): inner dimensions across the hand
+    kernels' 256-row blocks, rows on both sides of the crossovers, columns split in
+    16-wide blocks across threads or, when narrow, rows."""
     rng = np.random.default_rng(11)
     old_threads = nf.get_num_threads()
     nf.set_num_threads(threads)
@@ -182,7 +192,7 @@ def test_layer_sized_products_on_both_paths(form, threads):
             A = rng.standard_normal((k, m) if form == "tn" else (m, k)).astype(np.float32)
             B = rng.standard_normal((k, n)).astype(np.float32)
             C0 = rng.standard_normal((m, n)).astype(np.float32)
-            for limits in [None, (0, 0, 0, 0)]:
+            for limits in [None, (0, 0, 0, 0), (10**9, 10**9, 10**9, 10**9, 0)]:
                 old = _kernels._set_hand_product_limits(*limits) if limits else None
                 try:
                     for alpha, accumulate in [(1.0, False), (-0.5, True)]:
@@ -206,3 +216,44 @@ def test_small_products_reject_bad_shapes():
         _kernels._small_matmul("nn", a, np.ones((5, 2), np.float32), np.ones((3, 2), np.float32))
     with pytest.raises(ValueError, match="form"):
         _kernels._small_matmul("tt", a, a, a)
+
+
+def test_hand_product_limits_knob_round_trips():
+    old = _kernels._set_hand_product_limits(0, 0, 0, 0)
+    try:
+        assert len(old) == 5 and old[4] == 16          # HAND_MIN_COLS as shipped
+        assert _kernels._set_hand_product_limits(1, 2, 3, 4, 7)[:4] == (0, 0, 0, 0)
+        assert _kernels._set_hand_product_limits(1, 2, 3, 4) == (1, 2, 3, 4, 7)
+        assert _kernels._set_hand_product_limits(1, 2, 3, 4)[4] == 7   # -1: unchanged
+        with pytest.raises(ValueError, match="min_cols"):
+            _kernels._set_hand_product_limits(1, 2, 3, 4, -2)
+    finally:
+        _kernels._set_hand_product_limits(*old)
+
+
+@pytest.mark.parametrize("form", ["nn", "tn"])
+def test_narrow_products_take_gemm_and_wide_ones_the_hand_kernels(form):
+    """The routing as shipped, seen through the rounding: a 10-wide product equals the gemm
+    path bit for bit, a 32-wide one the hand kernels' (the two paths differ once alpha is
+    not 1: gemm scales the finished sum, the hand kernels each term)."""
+    if not _kernels.compiled_isa().startswith("avx2"):
+        pytest.skip("the hand products are in the AVX2 build only")
+    rng = np.random.default_rng(5)
+    for n, want in [(10, "gemm"), (32, "hand")]:
+        m, k = 128, 256
+        A = rng.standard_normal((k, m) if form == "tn" else (m, k)).astype(np.float32)
+        B = rng.standard_normal((k, n)).astype(np.float32)
+        C0 = rng.standard_normal((m, n)).astype(np.float32)
+        out = {}
+        for path, limits in [("default", None), ("gemm", (0, 0, 0, 0)),
+                             ("hand", (10**9, 10**9, 10**9, 10**9, 0))]:
+            old = _kernels._set_hand_product_limits(*limits) if limits else None
+            try:
+                C = C0.copy()
+                _kernels._small_matmul(form, A, B, C, -0.37, True)
+                out[path] = C
+            finally:
+                if old:
+                    _kernels._set_hand_product_limits(*old)
+        assert not np.array_equal(out["gemm"], out["hand"])
+        np.testing.assert_array_equal(out["default"], out[want])
