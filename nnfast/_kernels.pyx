@@ -96,6 +96,7 @@ cdef extern from "_simd.h":
     void nnf_dtanh_backward(double* g, const double* a, long n) noexcept nogil
     void nnf_ssigmoid_backward(float* g, const float* a, long n) noexcept nogil
     void nnf_dsigmoid_backward(double* g, const double* a, long n) noexcept nogil
+    void nnf_prefetch_l2(const void* p, long n) noexcept nogil
 
 # Activation and loss codes shared with nnfast/layers.py and nnfast/losses.py.
 cpdef enum Activation:
@@ -1760,12 +1761,31 @@ cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floa
     return total
 
 
+cdef Py_ssize_t GATHER_AHEAD = 3  # rows of X asked into L2 ahead of their copy (_simd.h)
+
+
+def _set_gather_ahead(Py_ssize_t rows):
+    """GATHER_AHEAD (0: no prefetch; for measurement); returns the old value."""
+    global GATHER_AHEAD
+    if rows < 0:
+        raise ValueError("rows must be >= 0")
+    old = GATHER_AHEAD
+    GATHER_AHEAD = rows
+    return old
+
+
 cdef void _gather_rows_range(const floating* X, Py_ssize_t d, const floating* T,
                              Py_ssize_t kt, const int64_t* labels, const int64_t* rows,
                              floating* xbuf, floating* tbuf, int64_t* lbuf, Py_ssize_t r0,
                              Py_ssize_t r1) noexcept nogil:
-    cdef Py_ssize_t r, src
+    cdef:
+        Py_ssize_t r, src, ahead = GATHER_AHEAD
+        long row_bytes = d * sizeof(floating)
+    for r in range(r0, min(r1, r0 + ahead)):
+        nnf_prefetch_l2(X + rows[r] * d, row_bytes)
     for r in range(r0, r1):
+        if r + ahead < r1:
+            nnf_prefetch_l2(X + rows[r + ahead] * d, row_bytes)
         src = rows[r]
         memcpy(xbuf + r * d, X + src * d, d * sizeof(floating))
         if T != NULL:

@@ -386,4 +386,22 @@ static inline void nnf_##P##sigmoid_backward(T *g, const T *a, long n) {        
 }
 NNF_EPILOGUES(s, float)
 NNF_EPILOGUES(d, double)
+/* Ask for n bytes at p to come into L2 (prefetcht1) ahead of their use. The batch gather
+ * copies rows scattered over all of X, each a fresh stream for the hardware prefetcher;
+ * asking for whole rows a few ahead keeps more of them in flight (C microbenchmark, 512
+ * random rows of 784 floats out of 60,000, two threads: 83-112 us with memcpy alone,
+ * 54-57 us asking 1-6 rows ahead; into L1, prefetcht0, 90 us: no gain). In a fit, 3 rows
+ * ahead, the batch fetch per step fell from 98-102 to 71-74 us at A/512 and from 32-33
+ * to 27-30 us at A/128 (calm VM, alternate epochs); whole epochs moved within their
+ * noise (A/512 1.004x). A no-op where the compiler has no __builtin_prefetch. */
+static inline void nnf_prefetch_l2(const void *p, long n) {
+#if defined(__GNUC__) || defined(__clang__)
+    const char *c = (const char *)p;
+    for (long i = 0; i < n; i += 64) __builtin_prefetch(c + i, 0, 2);
+    if (n > 0) __builtin_prefetch(c + n - 1, 0, 2);
+#else
+    (void)p; (void)n;
+#endif
+}
+
 #endif
