@@ -485,6 +485,27 @@ def test_gather_rows_matches_numpy(dtype, shape):
     np.testing.assert_array_equal(got, X[index])
 
 
+@pytest.mark.parametrize("ahead", [0, 1, 3, 50, 10**6])
+def test_gather_prefetch_changes_nothing(ahead, restore_threads):
+    """Rows asked into cache ahead of their copy (none, some, more than the batch): the
+    batch is X[index] exactly, on one thread and split across three, whose chunks end
+    before the prefetch distance does."""
+    rng = rng_for("gather-ahead", ahead)
+    X = rng.standard_normal((300, 70)).astype(np.float32)
+    index = rng.integers(0, 300, size=1000).astype(np.int64)
+    old = _kernels._set_gather_ahead(ahead)
+    try:
+        for threads in (1, 3):
+            _kernels.set_kernel_threads(threads)
+            out = np.full((1000, 70), np.nan, np.float32)
+            _kernels.gather_rows(X, index, out)
+            np.testing.assert_array_equal(out, X[index])
+    finally:
+        assert _kernels._set_gather_ahead(old) == ahead
+    with pytest.raises(ValueError, match="rows"):
+        _kernels._set_gather_ahead(-1)
+
+
 # ----------------------------------------------------------------------------------------
 # composed passes: forward / accumulate_gradients through Sequential on both backends
 # ----------------------------------------------------------------------------------------
