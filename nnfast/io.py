@@ -2,7 +2,8 @@
 
 Nothing is pickled: the header is stored as a uint8 array of UTF-8 JSON and the file
 is read with ``allow_pickle=False``. Files are written atomically (temporary file in the
-same folder, flush, fsync, ``os.replace``), so a crash never leaves half a model.
+same folder, flush, fsync, ``os.replace``), so a crash never leaves half a model; what a
+writer killed mid-write leaves behind is removed by the next save of the same file.
 Training checkpoints (``fit(..., checkpoint=path)``) are model files whose header also
 holds a ``"checkpoint"`` object and whose arrays also hold ``ckpt.*`` entries.
 """
@@ -16,15 +17,32 @@ FORMAT = "nnfast-model"
 FORMAT_VERSION = 1
 
 
-def atomic_write_npz(path, arrays: dict) -> None:
-    """Write ``arrays`` to ``path`` as an .npz, atomically."""
-    import tempfile  # here, not at module level: keeps `import nnfast` light
+_TMP_PREFIX, _TMP_SUFFIX = ".nnfast~", ".tmp"
+_FOREIGN_TMP_AGE = 86400.0  # seconds before another host's leftover counts as stale
 
+
+def atomic_write_npz(path, arrays: dict) -> None:
+    """Write ``arrays`` to ``path`` as an .npz, atomically.
+
+    The temporary file, in the same folder, is named for its target, host and process
+    (``.nnfast~<target>~<host>~<pid>~<random>.tmp``), so that after a successful write
+    the leftovers of writers of the same target that were killed mid-write are removed
+    (those of this host whose process is gone, and those of other hosts once a day old).
+    It is created like any new file (mode 0o666 less the umask, not ``mkstemp``'s 0o600);
+    an existing target keeps its permissions."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".nnfast-", suffix=".tmp", dir=folder)
+    base = os.path.basename(path)
+    try:
+        import stat
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = None
+    fd, tmp = _create_temporary(folder, base)
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.chmod(tmp, mode)
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
@@ -43,6 +61,71 @@ def atomic_write_npz(path, arrays: dict) -> None:
             os.close(dfd)
     except OSError:  # pragma: no cover - platforms without directory fsync
         pass
+    _remove_stale_temporaries(folder, base)
+
+
+def _host() -> str:
+    import socket  # here, not at module level: keeps `import nnfast` light
+    return socket.gethostname().replace("~", "-") or "localhost"
+
+
+def _create_temporary(folder: str, base: str):
+    import secrets
+    stem = f"{_TMP_PREFIX}{base}~{_host()}~{os.getpid()}~"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, stem + secrets.token_hex(4) + _TMP_SUFFIX)
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name in {folder!r}")  # pragma: no cover
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temporaries(folder: str, base: str) -> None:
+    """Delete the temporary files that writers of ``base`` killed mid-write left in
+    ``folder``: this host's whose process is gone; another host's (a shared folder) only
+    when a day old, since its process cannot be asked about. Never one of this process,
+    which another thread may be writing."""
+    import time
+    prefix, host, now = f"{_TMP_PREFIX}{base}~", _host(), time.time()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(_TMP_SUFFIX)):
+            continue
+        parts = name[len(prefix):-len(_TMP_SUFFIX)].rsplit("~", 2)  # host, pid, random
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        full = os.path.join(folder, name)
+        pid = int(parts[1])
+        if parts[0] == host:
+            if pid == os.getpid() or _process_alive(pid):
+                continue
+        else:
+            try:
+                if now - os.stat(full).st_mtime < _FOREIGN_TMP_AGE:
+                    continue
+            except OSError:
+                continue
+        try:
+            os.unlink(full)
+        except OSError:
+            pass
 
 
 def _header_array(header: dict) -> np.ndarray:

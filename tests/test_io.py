@@ -7,6 +7,8 @@ writes are atomic.
 """
 import json
 import os
+import stat
+import time
 
 import numpy as np
 import pytest
@@ -369,3 +371,96 @@ def test_save_onto_a_directory_fails_cleanly(tmp_path):
         model.save(target)
     assert sorted(os.listdir(tmp_path)) == ["m.npz"]
     assert target.is_dir() and os.listdir(target) == []
+
+
+# --------------------------------------------------------------------------- permissions, leftovers
+posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX permissions and signals")
+
+
+@posix_only
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """A new file gets 0o666 less the umask, like any file the user creates (not the
+    0o600 of a mkstemp temporary); an existing file keeps its own mode."""
+    model, _ = trained_model()
+    old_umask = os.umask(0o027)
+    try:
+        model.save(tmp_path / "new.npz")
+        assert stat.S_IMODE(os.stat(tmp_path / "new.npz").st_mode) == 0o640
+        os.umask(0o022)
+        model.save(tmp_path / "other.npz")
+        assert stat.S_IMODE(os.stat(tmp_path / "other.npz").st_mode) == 0o644
+        os.chmod(tmp_path / "other.npz", 0o600)
+        model.save(tmp_path / "other.npz")
+        assert stat.S_IMODE(os.stat(tmp_path / "other.npz").st_mode) == 0o600
+        model.fit(*make_data(), loss="cross_entropy", epochs=1, checkpoint=tmp_path / "c.npz")
+        assert stat.S_IMODE(os.stat(tmp_path / "c.npz").st_mode) == 0o644
+    finally:
+        os.umask(old_umask)
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@posix_only
+def test_next_save_removes_what_killed_writers_left(tmp_path):
+    from nnfast import io as nio
+    model, _ = trained_model()
+    host, day = nio._host(), 86400
+    stale = {
+        "dead here": f".nnfast~m.npz~{host}~{_dead_pid()}~0badc0de.tmp",
+        "old, other host": f".nnfast~m.npz~elsewhere~{os.getpid()}~00000001.tmp",
+    }
+    kept = {
+        "alive here": f".nnfast~m.npz~{host}~{os.getppid()}~00000002.tmp",
+        "this process": f".nnfast~m.npz~{host}~{os.getpid()}~00000003.tmp",
+        "recent, other host": f".nnfast~m.npz~elsewhere~{_dead_pid()}~00000004.tmp",
+        "another target": f".nnfast~n.npz~{host}~{_dead_pid()}~00000005.tmp",
+        "not ours": f".nnfast~m.npz~{host}~notapid~00000006.tmp",
+        "user file": "m.npz.tmp",
+    }
+    for name in list(stale.values()) + list(kept.values()):
+        (tmp_path / name).write_bytes(b"partial")
+    old = time.time() - 2 * day
+    os.utime(tmp_path / stale["old, other host"], (old, old))
+    model.save(tmp_path / "m.npz")
+    left = set(os.listdir(tmp_path))
+    assert left == {"m.npz"} | set(kept.values())
+    assert_weights_equal(nf.load(tmp_path / "m.npz").get_weights(), model.get_weights())
+
+
+@posix_only
+def test_writer_killed_mid_write_leaves_old_file_and_next_save_cleans_up(tmp_path):
+    """SIGKILL while the temporary file is being written: the target is the old model,
+    whole; a temporary is left; the next save (another process) removes it."""
+    import signal
+    import subprocess
+    import sys
+    model, _ = trained_model()
+    path = tmp_path / "m.npz"
+    model.save(path)
+    before = path.read_bytes()
+    script = (
+        "import sys, time, numpy as np, nnfast as nf\n"
+        "def stall(*a, **k):\n"
+        "    print('writing', flush=True); time.sleep(60)\n"
+        "np.lib.format.write_array = stall\n"
+        "m = nf.Sequential(nf.Dense(4, 3, activation='softmax'), seed=1)\n"
+        "m.save(sys.argv[1])\n")
+    child = subprocess.Popen([sys.executable, "-c", script, str(path)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        temporaries = [n for n in os.listdir(tmp_path) if n.startswith(".nnfast~m.npz~")]
+        assert len(temporaries) == 1
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert path.read_bytes() == before
+    assert (tmp_path / temporaries[0]).exists()
+    model.save(path)
+    assert sorted(os.listdir(tmp_path)) == ["m.npz"]
