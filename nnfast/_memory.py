@@ -34,3 +34,11 @@ def copy(a: np.ndarray) -> np.ndarray:
     out = empty(a.shape, a.dtype)
     out[...] = a
     return out
+
+
+def on_line(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when it is C-contiguous and starts on a line, else an aligned copy
+    (arrays from pickle or ``copy.deepcopy`` start wherever NumPy put them)."""
+    if a.flags.c_contiguous and a.ctypes.data % LINE == 0:
+        return a
+    return copy(a)

@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from . import _memory
 from . import losses as _losses
 from ._validation import as_array, as_matrix, cast_finite, check_dtype, check_seed
 from .backends import Workspace, get_backend
@@ -131,6 +132,11 @@ class Sequential:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._guard = _ModelGuard()
+        # pickle's arrays start off a cache line; a shallow copy shares the layers (and
+        # their aligned arrays, which must stay: a live plan points at them)
+        for layer in self.layers:
+            for name in ("W", "b", "dW", "db"):
+                setattr(layer, name, _memory.on_line(getattr(layer, name)))
 
     # --- description -------------------------------------------------------------------
     @property

@@ -31,9 +31,28 @@ class Optimizer:
         if bound is not None:
             raise ValueError("this optimizer already holds the state of another model; "
                              "create a new optimizer for each model")
+        if self._state:  # state kept from a copy or a pickle: it must fit this model
+            fresh = [self._new_state(p) for p, _ in model._params_and_grads()]
+            theirs = [{k: v.shape for k, v in st.items()} for st in fresh]
+            mine = [{k: v.shape for k, v in st.items()} for st in self._state]
+            if theirs != mine:
+                raise ValueError(f"this optimizer holds state of shapes {mine}, which does "
+                                 f"not fit this model (it needs {theirs}); create a new "
+                                 "optimizer for it")
         self._model_ref = weakref.ref(model)
         if not self._state:
             self._state = [self._new_state(p) for p, _ in model._params_and_grads()]
+
+    # copy and pickle: the state goes along, the binding (a weak reference) does not; the
+    # first model stepped afterwards is bound, if the state fits it
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_model_ref"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._state = [{k: _memory.on_line(v) for k, v in st.items()} for st in self._state]
 
     def _new_state(self, param: np.ndarray) -> Dict[str, np.ndarray]:
         return {}

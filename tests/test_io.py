@@ -464,3 +464,58 @@ def test_writer_killed_mid_write_leaves_old_file_and_next_save_cleans_up(tmp_pat
     assert (tmp_path / temporaries[0]).exists()
     model.save(path)
     assert sorted(os.listdir(tmp_path)) == ["m.npz"]
+
+
+# --------------------------------------------------------------------------- pickle and copy
+@pytest.mark.parametrize("opt_name", ["momentum", "adam"])
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_model_and_optimizer_survive_pickle_and_deepcopy(opt_name, how):
+    """A trained model with its optimizer, pickled (or deep-copied) together, goes on
+    training exactly as the original does; the copies' arrays are back on cache lines,
+    where the kernels split them across threads."""
+    import copy
+    import pickle
+    opt = nf.SGD(lr=0.1, momentum=0.9) if opt_name == "momentum" else nf.Adam(lr=0.01)
+    model, opt = trained_model(opt=opt)
+    if how == "pickle":
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    else:
+        model2, opt2 = copy.deepcopy((model, opt))
+    for layer in model2.layers:
+        for arr in (layer.W, layer.b, layer.dW, layer.db):
+            assert arr.ctypes.data % 64 == 0 and arr.flags.c_contiguous
+    for _, arr in opt2.state_arrays():
+        assert arr.ctypes.data % 64 == 0
+    assert opt2.iterations == opt.iterations
+    X, y = make_data(seed=3)
+    for m, o in ((model, opt), (model2, opt2)):
+        m.fit(X, y, loss="cross_entropy", optimizer=o, epochs=2, batch_size=16, seed=1)
+    assert_weights_equal(model2.get_weights(), model.get_weights())
+    for (na, a), (nb, b) in zip(opt.state_arrays(), opt2.state_arrays()):
+        assert na == nb
+        np.testing.assert_array_equal(a, b)
+
+
+def test_copied_optimizer_state_must_fit_the_model_it_steps():
+    import copy
+    model, opt = trained_model()
+    other = nf.Sequential(nf.Dense(5, 4, activation="relu"), nf.Dense(4, 3, activation="softmax"),
+                          dtype="float64", seed=0)
+    before = other.get_weights()
+    with pytest.raises(ValueError, match="does not fit this model"):
+        other.fit(*make_data(), loss="cross_entropy", optimizer=copy.deepcopy(opt), epochs=1)
+    assert_weights_equal(other.get_weights(), before)
+    # a fresh or plain-SGD optimizer has no shaped state: it binds anywhere
+    other.fit(*make_data(), loss="cross_entropy", optimizer=copy.deepcopy(nf.SGD(lr=0.1)),
+              epochs=1)
+
+
+def test_shallow_copy_keeps_the_live_arrays():
+    """copy.copy shares the layers; their arrays (which a live plan points at) must not be
+    swapped for copies, or the original would train arrays nobody reads."""
+    import copy
+    model, opt = trained_model()
+    ids = [id(a) for layer in model.layers for a in (layer.W, layer.b, layer.dW, layer.db)]
+    copy.copy(model)
+    assert [id(a) for layer in model.layers for a in (layer.W, layer.b, layer.dW, layer.db)] == ids
+    model.fit(*make_data(), loss="cross_entropy", optimizer=opt, epochs=1)
