@@ -111,7 +111,10 @@ def fit(model, X, y, loss=None, optimizer=None, epochs=1, batch_size=32, accumul
     drop_last : bool
         Drop the last, short batch of each epoch.
     validation_data : (X_val, y_val) or None
-        Evaluated after every epoch (``val_loss``, ``val_accuracy``).
+        Evaluated after every epoch (``val_loss``, ``val_accuracy``), as ``evaluate``
+        would: with finite weights whose outputs overflow on these rows, ``val_loss`` is
+        ``inf`` (or NaN) and is reported so; only the training loss and the weights
+        raise ``DivergenceError``.
     callbacks : sequence of Callback
         See :mod:`nnfast.callbacks`. A callback with ``on_batch_end`` turns off the
         whole-epoch fast path (Python runs after every iteration).

@@ -165,8 +165,19 @@ def _w_fit(case):
         return _w_exc(e, weights_unchanged=_w_same(before, after),
                       weights_finite=_w_finite_list(after))
     after = model.get_weights()
-    values = list(hist.batch_losses) + [v for vs in hist.history.values() for v in vs]
+    # training losses must be finite when fit returns (a non-finite one raises); the
+    # validation loss is reported as evaluate gives it, which can overflow with finite
+    # weights (outputs of 1e200 on the validation rows)
+    values = list(hist.batch_losses) + [v for k, vs in hist.history.items()
+                                        if not k.startswith("val_") for v in vs]
+    val_as_evaluate = True
+    if vd is not None and hist.history.get("val_loss"):
+        with np.errstate(all="ignore"):
+            now = model.evaluate(*vd)["loss"]
+        val_as_evaluate = bool(np.array_equal(now, hist.history["val_loss"][-1],
+                                              equal_nan=True))
     return {"status": "ok", "losses_finite": bool(np.isfinite(values).all()),
+            "val_as_evaluate": val_as_evaluate,
             "weights_finite": _w_finite_list(after),
             "max_abs_w": float(max(np.abs(w).max() for w in after)),
             "iterations": hist.iterations, "steps": hist.steps, "epochs": hist.epochs,
@@ -1126,6 +1137,8 @@ def test_fuzz_fit(worker, data):
         return
     # returned normally: everything it reports and leaves behind is finite
     assert out["losses_finite"], f"fit returned non-finite losses\ncase:\n  {describe(case)}"
+    assert out["val_as_evaluate"], (
+        f"the last val_loss is not evaluate's on the validation data\ncase:\n  {describe(case)}")
     assert out["weights_finite"], (
         "fit returned normally but left inf/NaN weights (an overflowing step must raise "
         f"DivergenceError)\ncase:\n  {describe(case)}")

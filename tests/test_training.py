@@ -761,3 +761,26 @@ def test_zero_grad_and_step_clear_the_sums(backend):
     probe.set_weights(model.get_weights())
     probe.compute_gradients(X[:20], y[:20], loss="cross_entropy")
     assert_weights_close(model.gradients(), probe.gradients(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_overflowing_validation_loss_is_reported_not_raised(backend):
+    """Training loss and weights finite, validation loss past float64's range: fit
+    returns, and val_loss is not finite, as evaluate says (found by the fuzz tests)."""
+    rng = np.random.default_rng(0)
+    X = (rng.standard_normal((1, 1)) * 1e30).astype(np.float32)
+    y = rng.standard_normal((1, 2)).astype(np.float32)
+    Xv = rng.standard_normal((1, 1)).astype(np.float32)
+    yv = rng.standard_normal((1, 2)).astype(np.float32)
+    model = nf.Sequential(nf.Dense(1, 5, activation="leaky_relu"),
+                          nf.Dense(5, 3, activation="relu"), nf.Dense(3, 2, activation="relu"),
+                          dtype="float64", seed=113, backend=backend)
+    with np.errstate(all="ignore"):   # the NumPy backend's matmul overflows (inf, then NaN)
+        hist = model.fit(X, y, loss="mse", optimizer=nf.SGD(lr=0.01), epochs=2,
+                         batch_size=None, shuffle=False, validation_data=(Xv, yv))
+        now = model.evaluate(Xv, yv)["loss"]
+    assert all(math.isfinite(v) for v in hist.history["loss"] + hist.batch_losses)
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert math.isfinite(hist.history["val_loss"][0])
+    assert not math.isfinite(hist.history["val_loss"][-1])
+    assert np.array_equal(now, hist.history["val_loss"][-1], equal_nan=True)
