@@ -395,6 +395,18 @@ def make_contenders(kinds, threads, baseline_threads, torch_mod):
     return out
 
 
+def make_scaling_contenders(kinds, thread_counts, torch_mod):
+    """nnfast (and the NumPy backend and PyTorch, when asked) at every thread count."""
+    out = []
+    if "nnfast" in kinds:
+        out += [NnfastContender("cython", t, f"nnfast-{t}t") for t in thread_counts]
+    if "numpy" in kinds:
+        out += [NnfastContender("numpy", t, f"numpy-{t}t") for t in thread_counts]
+    if "torch" in kinds and torch_mod is not None:
+        out += [TorchContender(torch_mod, t) for t in thread_counts]
+    return out
+
+
 # --------------------------------------------------------------------------- timing
 @dataclass
 class Plan:
@@ -602,6 +614,70 @@ def add_ratios(results, peak_gflops):
     return results
 
 
+SCALING_CASES = [("A", 512), ("C", 256)]  # issue 4, item 6
+
+
+def add_scaling(results, thread_counts):
+    """Per case and kind (nnfast, numpy, torch): samples/s at every thread count, the
+    speed-up and parallel efficiency against the fewest threads measured (1 when swept
+    from 1: efficiency = speed-up / threads), the best thread count; and nnfast's best
+    over each other kind's best."""
+    base = min(thread_counts)
+    for case in results:
+        res = case["train"]
+        by_kind = {}
+        for name, e in res.items():
+            by_kind.setdefault(e["kind"], {})[e["threads"]] = e["samples_per_s"]
+        summary = {}
+        for kind, rates in by_kind.items():
+            if base not in rates:
+                continue
+            best_t = max(rates, key=rates.get)
+            summary[kind] = {
+                "samples_per_s": {str(t): rates[t] for t in sorted(rates)},
+                "speedup": {str(t): rates[t] / rates[base] for t in sorted(rates)},
+                "efficiency": {str(t): rates[t] / rates[base] * base / t
+                               for t in sorted(rates)},
+                "best_threads": best_t, "best_samples_per_s": rates[best_t]}
+        if "nnfast" in summary:
+            for kind in summary:
+                if kind != "nnfast":
+                    summary["nnfast"][f"best_over_{kind}_best"] = (
+                        summary["nnfast"]["best_samples_per_s"]
+                        / summary[kind]["best_samples_per_s"])
+        case["scaling"] = summary
+    return results
+
+
+def format_scaling(results, thread_counts) -> str:
+    """One line per case and kind: samples/s at each thread count, then the speed-up and
+    efficiency at the most threads, the best thread count and nnfast's ratio."""
+    top = max(thread_counts)
+    header = (["case", "who"] + [f"{t}t" for t in thread_counts]
+              + [f"speed-up {top}t", f"efficiency {top}t", "best", "nnfast best / best"])
+    rows = []
+    for case in results:
+        for kind, sc in case.get("scaling", {}).items():
+            rows.append([f"{case['workload']}/{case['batch']}", kind]
+                        + [_fmt_rate(sc["samples_per_s"].get(str(t))) for t in thread_counts]
+                        + [f"{sc['speedup'][str(top)]:.2f}x" if str(top) in sc["speedup"]
+                           else "-",
+                           f"{sc['efficiency'][str(top)]:.0%}" if str(top) in sc["efficiency"]
+                           else "-",
+                           f"{sc['best_threads']}t",
+                           "-" if kind == "nnfast" else
+                           (f"{case['scaling']['nnfast'][f'best_over_{kind}_best']:.2f}x"
+                            if "nnfast" in case["scaling"] else "-")])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+
+    def line(cells):
+        return "  ".join(c.ljust(wd) if i < 2 else c.rjust(wd)
+                         for i, (c, wd) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * wd for wd in widths])]
+                     + [line(r) for r in rows])
+
+
 # --------------------------------------------------------------------------- output
 def _fmt_rate(v):
     if v is None or not math.isfinite(v):
@@ -729,6 +805,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contenders", default="nnfast,numpy,torch",
                    help="which contenders to run (default nnfast,numpy,torch; torch is "
                         "skipped when not importable)")
+    p.add_argument("--scaling", metavar="T1,T2,...", default=None,
+                   help="thread scaling sweep: every contender at each of these thread "
+                        "counts (e.g. 1,2,4,8,16); prints samples/s, speed-up and parallel "
+                        "efficiency against the fewest threads, and nnfast's best over "
+                        "PyTorch's best. Cases default to A/512,C/256; --threads and "
+                        "--baseline-threads do not apply")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--predict", action="store_true",
                    help="also measure predict() throughput (inference in batches of the "
@@ -763,8 +845,16 @@ def _positive_ints(text, what, parser):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    scaling = None
+    if args.scaling is not None:
+        scaling = sorted(_positive_ints(args.scaling, "--scaling", parser))
+        if args.threads is not None:
+            parser.error("--scaling sets the thread counts; leave out --threads")
     try:
-        cases = parse_cases(args.workloads, args.cases)
+        if scaling and args.workloads is None and args.cases is None:
+            cases = list(SCALING_CASES)
+        else:
+            cases = parse_cases(args.workloads, args.cases)
     except ValueError as exc:
         parser.error(str(exc))
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
@@ -800,9 +890,10 @@ def main(argv=None) -> int:
         torch_mod, torch_error = import_torch()
     saved_threads = nf.get_num_threads()
     saved_torch_threads = torch_mod.get_num_threads() if torch_mod is not None else None
-    threads = args.threads or saved_threads
+    threads = max(scaling) if scaling else (args.threads or saved_threads)
     try:
-        contenders = make_contenders(kinds, threads, baseline_threads, torch_mod)
+        contenders = (make_scaling_contenders(kinds, scaling, torch_mod) if scaling
+                      else make_contenders(kinds, threads, baseline_threads, torch_mod))
         if not contenders:
             parser.error("no contender can run")
         names = [c.name for c in contenders]
@@ -830,6 +921,8 @@ def main(argv=None) -> int:
             f"{peak:.1f}")
         best_probe = steady_rounds(results)
         add_ratios(results, peak)
+        if scaling:
+            add_scaling(results, scaling)
     finally:
         nf.set_num_threads(saved_threads)
         if torch_mod is not None:
@@ -845,9 +938,21 @@ def main(argv=None) -> int:
           f"({best_probe or 0:.1f} GFLOP/s); the medians are over the steady rounds "
           f"(over all rounds where none was steady)")
     print()
-    print(f"training throughput, samples/s ({dtype}, softmax CE, SGD lr {LR}, median of "
-          f"{rounds} round(s)); ratio = nnfast / best other")
-    print(format_table(results, names, "train", threads))
+    if scaling:
+        print(f"thread scaling, training samples/s ({dtype}, softmax CE, SGD lr {LR}, "
+              f"median of {rounds} round(s)); speed-up and efficiency against "
+              f"{min(scaling)} thread(s); % of the gemm bound at {threads} threads:")
+        print(format_scaling(results, scaling))
+        for case in results:
+            e = case["train"].get(f"nnfast-{threads}t")
+            if e is not None:
+                print(f"  {case['workload']}/{case['batch']}: nnfast {threads}t at "
+                      f"{e['pct_of_bound']:.0f}% of the gemm bound "
+                      f"({_fmt_rate(case['train_summary']['gemm_bound'])} samples/s)")
+    else:
+        print(f"training throughput, samples/s ({dtype}, softmax CE, SGD lr {LR}, median "
+              f"of {rounds} round(s)); ratio = nnfast / best other")
+        print(format_table(results, names, "train", threads))
     if args.predict:
         print()
         print(f"predict() throughput, samples/s ({dtype}, in batches of the case's batch "
@@ -862,6 +967,7 @@ def main(argv=None) -> int:
         "config": {
             "dtype": dtype, "rounds": rounds, "threads": threads,
             "baseline_threads": baseline_threads, "contenders": names,
+            "scaling": scaling,
             "quick": bool(args.quick), "predict": bool(args.predict), "lr": LR,
             "min_time": min_time, "max_time": max_time, "gemm_size": gemm_size,
             "argv": list(argv) if argv is not None else sys.argv[1:],

@@ -167,3 +167,59 @@ def test_measurements_and_probes_are_kept_apart():
     assert [k for k, _, _ in timed] == ["probe", "run"] * 4 + ["probe"]
     for (_, _, end), (_, start, _) in zip(timed, timed[1:]):
         assert start - end >= 0.03
+
+
+def _scaling_case(rates):
+    """A measured case as run_benchmarks returns it: rates = {(kind, threads): samples/s}."""
+    train = {f"{kind}-{t}t": {"samples_per_s": v, "kind": kind, "threads": t, "rounds": [v]}
+             for (kind, t), v in rates.items()}
+    return {"workload": "C", "batch": 256, "sizes": [1024, 4096, 4096, 10], "train": train}
+
+
+def test_scaling_summary_arithmetic():
+    case = _scaling_case({("nnfast", 1): 100.0, ("nnfast", 4): 300.0, ("nnfast", 16): 800.0,
+                          ("torch", 1): 50.0, ("torch", 4): 250.0, ("torch", 16): 200.0})
+    (case,) = bench.add_scaling([case], [1, 4, 16])
+    nn, tt = case["scaling"]["nnfast"], case["scaling"]["torch"]
+    assert nn["speedup"] == {"1": 1.0, "4": 3.0, "16": 8.0}
+    assert nn["efficiency"] == {"1": 1.0, "4": 0.75, "16": 0.5}
+    assert (nn["best_threads"], tt["best_threads"]) == (16, 4)
+    assert nn["best_over_torch_best"] == 800.0 / 250.0
+    assert tt["efficiency"]["16"] == 200.0 / 50.0 / 16
+    table = bench.format_scaling([case], [1, 4, 16])
+    assert "3.20x" in table and "50%" in table and "16t" in table
+    # swept from 2 threads: efficiency against 2, scaled by the thread ratio
+    case2 = _scaling_case({("nnfast", 2): 100.0, ("nnfast", 8): 300.0})
+    (case2,) = bench.add_scaling([case2], [2, 8])
+    assert case2["scaling"]["nnfast"]["efficiency"]["8"] == 3.0 * 2 / 8
+
+
+def test_quick_scaling_run(tmp_path, capsys):
+    out = tmp_path / "scaling.json"
+    threads_before = nf.get_num_threads()
+    rc = bench.main(["--quick", "--scaling", "2,1", "--cases", "B/32", "--contenders",
+                     "nnfast,numpy", "--json", str(out), "--quiet"])
+    assert rc == 0 and nf.get_num_threads() == threads_before
+    printed = capsys.readouterr().out
+    assert "thread scaling" in printed and "efficiency 2t" in printed
+    report = json.loads(out.read_text())
+    assert report["config"]["scaling"] == [1, 2]
+    assert set(report["config"]["contenders"]) == {"nnfast-1t", "nnfast-2t", "numpy-1t",
+                                                   "numpy-2t"}
+    (case,) = report["cases"]
+    sc = case["scaling"]
+    assert set(sc) == {"nnfast", "numpy"}
+    for kind in sc:
+        for t in (1, 2):
+            assert case["train"][f"{kind}-{t}t"]["threads"] == t
+        assert sc[kind]["speedup"]["1"] == 1.0
+    assert math.isclose(sc["nnfast"]["best_over_numpy_best"],
+                        sc["nnfast"]["best_samples_per_s"] / sc["numpy"]["best_samples_per_s"])
+
+
+def test_scaling_defaults_and_refusals():
+    assert bench.SCALING_CASES == [("A", 512), ("C", 256)]
+    with pytest.raises(SystemExit):
+        bench.main(["--scaling", "1,2", "--threads", "2"])
+    with pytest.raises(SystemExit):
+        bench.main(["--scaling", "0,2"])
