@@ -449,9 +449,11 @@ def test_writer_killed_mid_write_leaves_old_file_and_next_save_cleans_up(tmp_pat
         "def stall(*a, **k):\n"
         "    print('writing', flush=True); time.sleep(60)\n"
         "np.lib.format.write_array = stall\n"
-        "m = nf.Sequential(nf.Dense(4, 3, activation='softmax'), seed=1)\n"
+        "m = nf.Sequential(nf.Dense(4, 3, activation='softmax'), seed=1, backend='numpy')\n"
         "m.save(sys.argv[1])\n")
-    child = subprocess.Popen([sys.executable, "-c", script, str(path)],
+    # run from tmp_path: from the repository root the child would import the unbuilt
+    # source tree instead of the installed package
+    child = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=tmp_path,
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "writing"
