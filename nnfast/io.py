@@ -69,9 +69,21 @@ def _host() -> str:
     return socket.gethostname().replace("~", "-") or "localhost"
 
 
+def _tmp_target(base: str) -> str:
+    """The target's name as it appears in its temporaries' names: shortened (with a CRC of
+    the whole) when long, so that the temporary's name stays within the 255 bytes a file
+    name may have."""
+    raw = base.encode("utf-8", "surrogateescape")
+    if len(raw) <= 96:
+        return base
+    import zlib
+    head = raw[:48].decode("utf-8", "ignore")  # whole characters of at most 48 bytes
+    return f"{head}-{zlib.crc32(raw):08x}"
+
+
 def _create_temporary(folder: str, base: str):
     import secrets
-    stem = f"{_TMP_PREFIX}{base}~{_host()}~{os.getpid()}~"
+    stem = f"{_TMP_PREFIX}{_tmp_target(base)}~{_host()}~{os.getpid()}~"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
         tmp = os.path.join(folder, stem + secrets.token_hex(4) + _TMP_SUFFIX)
@@ -100,7 +112,7 @@ def _remove_stale_temporaries(folder: str, base: str) -> None:
     when a day old, since its process cannot be asked about. Never one of this process,
     which another thread may be writing."""
     import time
-    prefix, host, now = f"{_TMP_PREFIX}{base}~", _host(), time.time()
+    prefix, host, now = f"{_TMP_PREFIX}{_tmp_target(base)}~", _host(), time.time()
     try:
         names = os.listdir(folder)
     except OSError:

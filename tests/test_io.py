@@ -521,3 +521,22 @@ def test_shallow_copy_keeps_the_live_arrays():
     copy.copy(model)
     assert [id(a) for layer in model.layers for a in (layer.W, layer.b, layer.dW, layer.db)] == ids
     model.fit(*make_data(), loss="cross_entropy", optimizer=opt, epochs=1)
+
+
+@pytest.mark.parametrize("stem", ["m" * 236, "模型" * 39])
+def test_save_under_a_name_near_the_length_limit(tmp_path, stem):
+    """A 240-byte file name (one-byte or three-byte characters): the temporary's name
+    (target, host, pid, random) must still fit in 255 bytes, and the leftovers of such a
+    target are still found."""
+    model, _ = trained_model()
+    name = stem + ".npz"
+    assert 230 <= len(name.encode()) <= 255
+    model.save(tmp_path / name)
+    assert sorted(os.listdir(tmp_path)) == [name]
+    assert_weights_equal(nf.load(tmp_path / name).get_weights(), model.get_weights())
+    if os.name == "posix":
+        from nnfast import io as nio
+        stale = f".nnfast~{nio._tmp_target(name)}~{nio._host()}~{_dead_pid()}~0000000a.tmp"
+        (tmp_path / stale).write_bytes(b"partial")
+        model.save(tmp_path / name)
+        assert sorted(os.listdir(tmp_path)) == [name]
