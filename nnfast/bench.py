@@ -668,14 +668,7 @@ def format_scaling(results, thread_counts) -> str:
                            "-" if kind == "nnfast" else
                            (f"{case['scaling']['nnfast'][f'best_over_{kind}_best']:.2f}x"
                             if "nnfast" in case["scaling"] else "-")])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-
-    def line(cells):
-        return "  ".join(c.ljust(wd) if i < 2 else c.rjust(wd)
-                         for i, (c, wd) in enumerate(zip(cells, widths)))
-    return "\n".join([line(header), line(["-" * wd for wd in widths])]
-                     + [line(r) for r in rows])
+    return _aligned(header, rows, left={0, 1})
 
 
 # --------------------------------------------------------------------------- output
@@ -704,15 +697,20 @@ def format_table(results, names, mode="train", threads=None) -> str:
         steady = case.get(mode + "_steady_rounds")  # absent when nothing was probed
         row.append("-" if steady is None else f"{steady}/{n_rounds}")
         rows.append(row)
+    return _aligned(header, rows, left={0, len(header) - 5})
+
+
+def _aligned(header, rows, left) -> str:
+    """A plain-text table: columns as wide as their widest cell, those in ``left``
+    left-aligned and the others right-aligned, a rule under the header."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(header)]
-    left = {0, len(header) - 5}
+
     def line(cells):
         return "  ".join(c.ljust(wd) if i in left else c.rjust(wd)
                          for i, (c, wd) in enumerate(zip(cells, widths)))
-    out = [line(header), line(["-" * wd for wd in widths])]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
+    return "\n".join([line(header), line(["-" * wd for wd in widths])]
+                     + [line(r) for r in rows])
 
 
 def format_machine(info, threads) -> str:
