@@ -22,7 +22,7 @@ Conventions
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange, parallel
-from libc.math cimport exp, expf, log, logf, tanh, tanhf, sqrt, sqrtf, log1p, log1pf, fabs, fabsf, isnan, isinf
+from libc.math cimport exp, expf, log, logf, tanh, tanhf, sqrt, sqrtf, log1p, log1pf, fabs, fabsf, isnan, isinf, NAN
 from libc.stdlib cimport malloc, calloc, free
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -672,6 +672,31 @@ cdef bint _finite_span(const floating* x, Py_ssize_t n) noexcept nogil:
         return (acc64 & 0x8000000000000000u) == 0
 
 
+cdef bint _copy_finite(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
+    """dst[0..n) = src[0..n), and whether none of them is NaN or infinite (the bit test of
+    ``_finite_span`` in the same pass as the copy)."""
+    cdef:
+        Py_ssize_t i
+        uint32_t acc32 = 0, v32
+        uint64_t acc64 = 0, v64
+        const uint32_t* s32 = <const uint32_t*>src
+        const uint64_t* s64 = <const uint64_t*>src
+        uint32_t* d32 = <uint32_t*>dst
+        uint64_t* d64 = <uint64_t*>dst
+    if floating is float:
+        for i in range(n):
+            v32 = s32[i]
+            d32[i] = v32
+            acc32 |= (v32 & 0x7f800000u) + 0x00800000u
+        return (acc32 & 0x80000000u) == 0
+    else:
+        for i in range(n):
+            v64 = s64[i]
+            d64[i] = v64
+            acc64 |= (v64 & 0x7ff0000000000000u) + 0x0010000000000000u
+        return (acc64 & 0x8000000000000000u) == 0
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def all_finite(const floating[::1] x):
@@ -909,20 +934,25 @@ def adam_update(floating[::1] param, floating[::1] grad_sum, floating[::1] exp_a
 # ----------------------------------------------------------------------------------
 @cython.boundscheck(False)
 @cython.wraparound(False)
-def gather_rows(const floating[:, ::1] X, const int64_t[::1] index, floating[:, ::1] out):
-    """out[i] = X[index[i]] for every i (the shuffled batch buffer).
+def gather_rows(const floating[:, ::1] X, const int64_t[::1] index, floating[:, ::1] out,
+                bint check=False):
+    """out[i] = X[index[i]] for every i (the shuffled batch buffer). With ``check``,
+    returns whether the gathered rows are finite (as fit's first epoch checks them),
+    else True.
 
     X (N, d) IN; index (m,) IN, each in [0, N); out (m, d) OUT."""
     cdef:
         Py_ssize_t m = index.shape[0], d = X.shape[1], N = X.shape[0], i
+        bint finite
     _check(out.shape[0] == m and out.shape[1] == d, "out must be (len(index), X.shape[1])")
     for i in range(m):
         _check(0 <= index[i] < N, "index out of range")
     if m == 0 or d == 0:
-        return
+        return True
     with nogil:
-        _gather_batch(&X[0, 0], d, <floating*>NULL, 0, NULL, &index[0], m, &out[0, 0],
-                      <floating*>NULL, NULL)
+        finite = _gather_batch(&X[0, 0], d, <floating*>NULL, 0, NULL, &index[0], m,
+                               &out[0, 0], <floating*>NULL, NULL, check)
+    return finite
 
 
 # ----------------------------------------------------------------------------------
@@ -1080,6 +1110,7 @@ cdef struct RowSource:
     const void* T             # or NULL
     const int64_t* labels     # or NULL
     const int64_t* rows
+    bint check                # whether the rows of X are checked for NaN/inf as gathered
 
 
 cdef void _begin_step(OptSpec* opt) noexcept nogil:
@@ -1606,11 +1637,12 @@ cdef void _split_worker(Net* net, const floating* x, Py_ssize_t m, const floatin
         double total = 0
         const floating* inp = x
         floating* scratch = <floating*>net.split_scratch + tid * net.n_params
+    if r1 > r0 and src != NULL and not _gather_rows_range(
+            <floating*>src.X, net.width[0], <floating*>src.T, n_out, src.labels, src.rows,
+            <floating*>x, <floating*>t, <int64_t*>labels, r0, r1, src.check):
+        net.split_loss[tid] = NAN  # NaN or inf in X (src.check): the team stops below
+        r1 = r0
     if r1 > r0:  # (split_loss and split_correct were zeroed by the caller)
-        if src != NULL:
-            _gather_rows_range(<floating*>src.X, net.width[0], <floating*>src.T, n_out,
-                               src.labels, src.rows, <floating*>x, <floating*>t,
-                               <int64_t*>labels, r0, r1)
         for l in range(L):
             k = net.width[l]
             n = net.width[l + 1]
@@ -1729,9 +1761,10 @@ cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floa
     if nsplit > 0:
         return _net_iteration_split(net, x, m, t, labels, loss, opt, update, fold, scale,
                                     correct, nsplit, src)
-    if src != NULL:
-        _gather_batch(<floating*>src.X, net.width[0], <floating*>src.T, net.width[L],
-                      src.labels, src.rows, m, <floating*>x, <floating*>t, <int64_t*>labels)
+    if src != NULL and not _gather_batch(
+            <floating*>src.X, net.width[0], <floating*>src.T, net.width[L], src.labels,
+            src.rows, m, <floating*>x, <floating*>t, <int64_t*>labels, src.check):
+        return NAN
     _net_forward(net, x, m, first_ready)
     total = _loss(<floating*>net.Z[last], <floating*>net.A[last], <floating*>t,
                   <int64_t*>labels, <floating*>net.G[last], m, net.width[L], loss, net.act[last])
@@ -1774,43 +1807,75 @@ def _set_gather_ahead(Py_ssize_t rows):
     return old
 
 
-cdef void _gather_rows_range(const floating* X, Py_ssize_t d, const floating* T,
+cdef bint _gather_rows_range(const floating* X, Py_ssize_t d, const floating* T,
                              Py_ssize_t kt, const int64_t* labels, const int64_t* rows,
                              floating* xbuf, floating* tbuf, int64_t* lbuf, Py_ssize_t r0,
-                             Py_ssize_t r1) noexcept nogil:
+                             Py_ssize_t r1, bint check) noexcept nogil:
+    """Rows r0..r1 of the batch buffers <- rows ``rows[r0..r1)`` of X, T and labels.
+    With ``check``, returns whether every copied row of X is finite (each row is looked
+    at right after its copy, while it is in L1), else True."""
     cdef:
         Py_ssize_t r, src, ahead = GATHER_AHEAD
         long row_bytes = d * sizeof(floating)
+        bint finite = True
     for r in range(r0, min(r1, r0 + ahead)):
         nnf_prefetch_l2(X + rows[r] * d, row_bytes)
     for r in range(r0, r1):
         if r + ahead < r1:
             nnf_prefetch_l2(X + rows[r + ahead] * d, row_bytes)
         src = rows[r]
-        memcpy(xbuf + r * d, X + src * d, d * sizeof(floating))
+        if check:
+            finite &= _copy_finite(xbuf + r * d, X + src * d, d)
+        else:
+            memcpy(xbuf + r * d, X + src * d, d * sizeof(floating))
         if T != NULL:
             memcpy(tbuf + r * kt, T + src * kt, kt * sizeof(floating))
         if labels != NULL:
             lbuf[r] = labels[src]
+    return finite
 
 
-cdef void _gather_batch(const floating* X, Py_ssize_t d, const floating* T, Py_ssize_t kt,
+cdef bint _gather_batch(const floating* X, Py_ssize_t d, const floating* T, Py_ssize_t kt,
                         const int64_t* labels, const int64_t* rows, Py_ssize_t m,
-                        floating* xbuf, floating* tbuf, int64_t* lbuf) noexcept nogil:
-    """Batch buffers <- the rows ``rows[0..m)`` of X, T and labels. Split across threads
+                        floating* xbuf, floating* tbuf, int64_t* lbuf,
+                        bint check) noexcept nogil:
+    """Batch buffers <- the rows ``rows[0..m)`` of X, T and labels; with ``check``,
+    returns whether those rows of X are finite (else True). Split across threads
     for large batches: the rows are scattered over all of X, so each copy waits on
     memory (rows of 784 floats out of 60,000, C microbenchmark: 512 rows 263 -> 149 us on
     two threads, 128 rows 69 -> 42 us, 64 rows 25 -> 16 us; an A/512 step is ~5 ms)."""
     cdef:
         int nthreads = _threads_for(<double>m * (d + kt)), t
+        int bad = 0
         Py_ssize_t chunk
     if nthreads <= 1:
-        _gather_rows_range(X, d, T, kt, labels, rows, xbuf, tbuf, lbuf, 0, m)
-        return
+        return _gather_rows_range(X, d, T, kt, labels, rows, xbuf, tbuf, lbuf, 0, m, check)
     chunk = (m + nthreads - 1) // nthreads
     for t in prange(nthreads, num_threads=nthreads, schedule='static'):
-        _gather_rows_range(X, d, T, kt, labels, rows, xbuf, tbuf, lbuf, t * chunk,
-                           min(m, (t + 1) * chunk))
+        bad += not _gather_rows_range(X, d, T, kt, labels, rows, xbuf, tbuf, lbuf,
+                                      t * chunk, min(m, (t + 1) * chunk), check)
+    return bad == 0
+
+
+cdef bint _rows_finite(const floating* X, Py_ssize_t d, const int64_t* order,
+                       Py_ssize_t start, Py_ssize_t m) noexcept nogil:
+    """Whether the epoch's rows start..start+m (rows ``order[start..start+m)`` of X, or
+    with ``order`` NULL the rows from ``start`` on) are finite: the input check of the
+    unit split's runs, which read their rows in place."""
+    cdef:
+        Py_ssize_t r, ahead = GATHER_AHEAD
+        long row_bytes = d * sizeof(floating)
+        const int64_t* rows = order + start
+        bint finite = True
+    if order == NULL:
+        return _finite_span(X + start * d, m * d)
+    for r in range(min(m, ahead)):
+        nnf_prefetch_l2(X + rows[r] * d, row_bytes)
+    for r in range(m):
+        if r + ahead < m:
+            nnf_prefetch_l2(X + rows[r + ahead] * d, row_bytes)
+        finite &= _finite_span(X + rows[r] * d, d)
+    return finite
 
 
 cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floating* T,
@@ -1819,7 +1884,7 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
                          Py_ssize_t n_iters, int accumulate, int loss, OptSpec* opt,
                          bint fold_ok, floating* xbuf, floating* tbuf, int64_t* lbuf,
                          double* out_loss, int64_t* out_correct, int64_t* group,
-                         int64_t* steps) noexcept nogil:
+                         int64_t* steps, bint check_x) noexcept nogil:
     """Iterations it0..it1-1 of an epoch: gather (when ``order``), iterate, step every
     ``accumulate`` iterations and at the epoch's end. ``group`` = [micro-batches,
     samples] of the open accumulation group, carried across calls. Returns the index of
@@ -1830,7 +1895,12 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
     ``_first_layer_fusable``, batch it + 1 is fetched before batch it runs, and
     batch it's first-layer backward computes batch it + 1's first product
     (``first_ready`` for the next iteration); within one call only, so the workspace
-    holds the last batch's values when the call returns."""
+    holds the last batch's values when the call returns.
+
+    With ``check_x`` (fit's first epoch, when X was not scanned for NaN/inf before it),
+    every batch's rows of X are checked before the batch is used, while the gather has
+    them in cache: a batch holding NaN or inf stops the run there as a non-finite loss
+    does (its loss reads NaN), and ``fit`` tells the two apart."""
     cdef:
         Py_ssize_t it, start, m, m_next = 0
         Batch cur, nxt, spare
@@ -1841,7 +1911,10 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
         int team
     team = _unit_split_threads(net, bs, accumulate, fold_ok, group)
     if (team > 0 and (it1 - it0) * bs >= UNIT_SPLIT_MIN_SAMPLES
-            and _unit_blocks_room(net, X, team, bs, not fold_ok) == 0):
+            and _unit_blocks_room(net, X, team, bs, not fold_ok) == 0
+            and (not check_x or _rows_finite(X, d, order, it0 * bs,
+                                             min(it1 * bs, n_samples) - it0 * bs))):
+        # (with NaN or inf in the rows, the loop below runs them and stops at their batch)
         return _unit_split_run(net, X, d, T, kt, labels, order, n_samples, bs, it0, it1,
                                loss, opt, out_loss, out_correct, steps, team, fold_ok)
     # with the fused first-layer pass, batch it + 1 is gathered while batch it is still in
@@ -1853,20 +1926,21 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
         deferred = False
         if not first_ready:  # else the previous iteration fetched this batch into cur
             deferred = order != NULL and _row_split_threads(net, m) > 1
-            if deferred:  # each thread of the row split gathers its own rows
-                src = RowSource(X, T, labels, order + start)
+            if deferred:  # each thread of the row split gathers (and checks) its own rows
+                src = RowSource(X, T, labels, order + start, check_x)
                 cur.x = bufs.x
                 cur.t = bufs.t if T != NULL else <void*>NULL
                 cur.labels = bufs.labels if labels != NULL else <int64_t*>NULL
-            else:
-                cur = _fetch_batch(X, d, T, kt, labels, order, start, m, bufs)
+            elif not _fetch_batch(X, d, T, kt, labels, order, start, m, bufs, &cur, check_x):
+                out_loss[it - it0] = NAN
+                return it
         fuse = False
         if it + 1 < it1 and net.next_x != NULL:
             m_next = min(bs, n_samples - start - bs)
             fuse = m_next <= net.scratch_rows and _first_layer_fusable(net, X, m, m_next)
-            if fuse:
-                nxt = _fetch_batch(X, d, T, kt, labels, order, start + bs, m_next,
-                                   spare if cur.x == bufs.x else bufs)
+            if fuse:  # (not with NaN or inf in it: the next iteration fetches it again)
+                fuse = _fetch_batch(X, d, T, kt, labels, order, start + bs, m_next,
+                                    spare if cur.x == bufs.x else bufs, &nxt, check_x)
         group[0] += 1
         group[1] += m
         update = group[0] == accumulate or it == n_iters - 1
@@ -1889,32 +1963,31 @@ cdef Py_ssize_t _net_run(Net* net, const floating* X, Py_ssize_t d, const floati
     return -1
 
 
-cdef Batch _fetch_batch(const floating* X, Py_ssize_t d, const floating* T, Py_ssize_t kt,
-                        const int64_t* labels, const int64_t* order, Py_ssize_t start,
-                        Py_ssize_t m, Batch buf) noexcept nogil:
-    """The batch of rows start..start+m of the epoch: gathered into ``buf`` when the
-    epoch is shuffled (``order``), else pointers into X, T and labels. A single row is
-    contiguous where it lies, so it is never copied (in-process A/B, batch 1: B/1
-    1.02-1.03x, A/1 1.01-1.02x)."""
-    cdef:
-        Batch b
-        Py_ssize_t row
+cdef bint _fetch_batch(const floating* X, Py_ssize_t d, const floating* T, Py_ssize_t kt,
+                       const int64_t* labels, const int64_t* order, Py_ssize_t start,
+                       Py_ssize_t m, Batch buf, Batch* b, bint check) noexcept nogil:
+    """The batch of rows start..start+m of the epoch into ``b``: gathered into ``buf``
+    when the epoch is shuffled (``order``), else pointers into X, T and labels. A single
+    row is contiguous where it lies, so it is never copied (in-process A/B, batch 1: B/1
+    1.02-1.03x, A/1 1.01-1.02x). With ``check``, returns whether the batch's rows of X
+    are finite (else True)."""
+    cdef Py_ssize_t row
     if order != NULL and m == 1:
         row = order[start]
         b.x = <void*>(X + row * d)
         b.t = <void*>(T + row * kt) if T != NULL else NULL
         b.labels = <int64_t*>(labels + row) if labels != NULL else NULL
     elif order != NULL:
-        _gather_batch(X, d, T, kt, labels, order + start, m, <floating*>buf.x,
-                      <floating*>buf.t, buf.labels)
         b.x = buf.x
         b.t = buf.t if T != NULL else NULL
         b.labels = buf.labels if labels != NULL else NULL
+        return _gather_batch(X, d, T, kt, labels, order + start, m, <floating*>buf.x,
+                             <floating*>buf.t, buf.labels, check)
     else:
         b.x = <void*>(X + start * d)
         b.t = <void*>(T + start * kt) if T != NULL else NULL
         b.labels = <int64_t*>(labels + start) if labels != NULL else NULL
-    return b
+    return not check or _finite_span(<floating*>b.x, m * d)
 
 
 # The unit split: small batches (1 to UNIT_SPLIT_MAX_BATCH rows, any optimizer) stepping
@@ -1958,6 +2031,15 @@ cdef double UNIT_SPLIT_BATCH2_MAX_W0 = 65536
 # and at most this many bytes of rows of Z, A, G in each thread's copy of the tail
 # (A: 138 values a row, 64 rows in 106 KB; B: 10 values a row)
 cdef size_t UNIT_SPLIT_TAIL_ROW_BYTES = 1 << 20
+
+
+def checks_batches_cheaply(Py_ssize_t batch_size):
+    """Whether ``_net_run``'s ``check_x`` costs about nothing on batches of ``batch_size``
+    rows: where rows are gathered (``_gather_rows_range`` checks each row as it copies it,
+    8 us of an A/512 step, against 47 us for its share of a pass over all of X), but not
+    on the unit split's batches, whose check is a pass of its own over each run's rows
+    ahead of it (in-process A/B against the pass over all of X: B/1 0.986x, A/8 0.975x)."""
+    return not UNIT_SPLIT or batch_size > UNIT_SPLIT_MAX_BATCH
 
 
 def _set_unit_split(bint on, Py_ssize_t min_params=-1, Py_ssize_t min_samples=-1,
@@ -2853,16 +2935,18 @@ cdef class NetworkPlan:
     def run(self, X, T, labels, order, Py_ssize_t batch_size, Py_ssize_t it0, Py_ssize_t it1,
             Py_ssize_t n_iters, int accumulate, int loss, tuple opt, list state1, list state2,
             xbuf, tbuf, lbuf, double[::1] out_loss, int64_t[::1] out_correct,
-            int64_t[::1] group):
+            int64_t[::1] group, bint check_x=False):
         """Iterations it0..it1-1 of an epoch in one nogil call (see ``_net_run``).
 
         ``opt`` = (kind, lr, momentum, nesterov, weight_decay, beta1, beta2, eps,
         decoupled, steps_so_far); ``state1``/``state2`` the optimizer's per-parameter
         arrays (flat, parameter order W0, b0, W1, ...) or empty lists.
+        With ``check_x`` every batch's rows of X are checked for NaN and inf before use;
+        such a batch stops the run as a non-finite loss does.
         Returns (index of a non-finite iteration or -1, steps taken)."""
         return _plan_run(self, X, T, labels, order, batch_size, it0, it1, n_iters, accumulate,
                          loss, opt, state1, state2, xbuf, tbuf, lbuf, out_loss, out_correct,
-                         group)
+                         group, check_x)
 
 
 cdef int _check_batch(NetworkPlan plan, Py_ssize_t m, Py_ssize_t d, Py_ssize_t tm,
@@ -2904,7 +2988,7 @@ def _plan_run(NetworkPlan plan, const floating[:, ::1] X, const floating[:, ::1]
               Py_ssize_t it0, Py_ssize_t it1, Py_ssize_t n_iters, int accumulate, int loss,
               tuple opt_args, list state1, list state2, floating[:, ::1] xbuf,
               floating[:, ::1] tbuf, int64_t[::1] lbuf, double[::1] out_loss,
-              int64_t[::1] out_correct, int64_t[::1] group):
+              int64_t[::1] out_correct, int64_t[::1] group, bint check_x):
     cdef:
         Py_ssize_t n = X.shape[0], d = X.shape[1], kt = T.shape[1], r, failed
         int n_out = plan.net.width[plan.net.n_layers], L = plan.net.n_layers, j
@@ -2976,7 +3060,7 @@ def _plan_run(NetworkPlan plan, const floating[:, ::1] X, const floating[:, ::1]
                               &lbuf[0] if shuffled and lbuf.shape[0] > 0 else NULL,
                               &out_loss[0] if out_loss.shape[0] > 0 else NULL,
                               &out_correct[0] if out_correct.shape[0] > 0 else NULL,
-                              &group[0], &steps)
+                              &group[0], &steps, check_x)
     finally:
         free(s1)
         free(s2)

@@ -30,11 +30,14 @@ def check_finite(arr: np.ndarray, name: str) -> None:
             raise ValueError(f"{name} contains NaN or infinity")
 
 
-def as_matrix(X, name: str, dtype, n_features: int | None = None) -> np.ndarray:
+def as_matrix(X, name: str, dtype, n_features: int | None = None,
+              finite: bool = True) -> np.ndarray:
     """``X`` as a finite, C-contiguous 2-D array of ``dtype``.
 
     Fortran order, strided views, read-only arrays, other float or integer dtypes are
     converted (a copy only when needed); anything else is an error naming ``name``.
+    ``finite=False`` leaves the NaN/inf check to the caller when no conversion was
+    needed (a converted copy is still checked: its error names the dtype's range).
     """
     if X is None:
         raise ValueError(f"{name} is required, got None")
@@ -49,7 +52,7 @@ def as_matrix(X, name: str, dtype, n_features: int | None = None) -> np.ndarray:
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(f"{name} has {arr.shape[1]} features but the model expects "
                          f"{n_features}")
-    return cast_finite(arr, dtype, name)
+    return cast_finite(arr, dtype, name, finite)
 
 
 def as_array(value, name: str) -> np.ndarray:
@@ -60,11 +63,14 @@ def as_array(value, name: str) -> np.ndarray:
         raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
 
 
-def cast_finite(arr: np.ndarray, dtype, name: str) -> np.ndarray:
-    """C-contiguous copy (only if needed) in ``dtype``, checked for NaN/inf; finite values
-    too large for ``dtype`` are reported as such, not as infinities."""
+def cast_finite(arr: np.ndarray, dtype, name: str, finite: bool = True) -> np.ndarray:
+    """C-contiguous copy (only if needed) in ``dtype``, checked for NaN/inf (unless
+    ``finite`` is False and no copy was needed); finite values too large for ``dtype`` are
+    reported as such, not as infinities."""
     with np.errstate(over="ignore", invalid="ignore"):
         out = np.ascontiguousarray(arr, dtype=dtype)
+    if out is arr and not finite:
+        return out
     try:
         check_finite(out, name)
     except ValueError:

@@ -43,6 +43,14 @@ class Optimizer:
         if not self._state:
             self._state = [self._new_state(p) for p, _ in model._params_and_grads()]
 
+    def _binding(self):
+        """The binding and state list, for ``_restore_binding`` (fit undoes its
+        ``_bind`` when X turns out to hold NaN or inf)."""
+        return self._model_ref, self._state
+
+    def _restore_binding(self, binding) -> None:
+        self._model_ref, self._state = binding
+
     # copy and pickle: the state goes along, the binding (a weak reference) does not; the
     # first model stepped afterwards is bound, if the state fits it
     def __getstate__(self):

@@ -118,8 +118,16 @@ class Backend:
         return total
 
 
+    @staticmethod
+    def checks_batches(batch_size: int) -> bool:
+        """Whether ``run_iterations``' ``check_x`` costs about nothing on batches of
+        ``batch_size`` rows: ``fit`` then leaves X's NaN/inf check to its first epoch
+        instead of reading all of X once more before it."""
+        return False
+
     def run_iterations(self, model, X, T, labels, order, batch_size, it0, it1, n_iters,
-                       accumulate, loss, optimizer, group, out_loss, out_correct):
+                       accumulate, loss, optimizer, group, out_loss, out_correct,
+                       check_x=False):
         """Iterations ``it0..it1-1`` of one epoch of ``fit``.
 
         Batch ``it`` is rows ``order[it*bs:(it+1)*bs]`` of X/T/labels (consecutive rows
@@ -127,7 +135,9 @@ class Backend:
         accumulation group, updated in place; a step is taken when it reaches
         ``accumulate`` micro-batches and at the epoch's last iteration. Writes each
         iteration's summed loss and correct count; returns (index of the iteration whose
-        loss was not finite, or -1; steps taken)."""
+        loss was not finite, or -1; steps taken). With ``check_x``, a batch whose rows of
+        X hold NaN or inf is not used: the run stops there as at a non-finite loss (the
+        loss written is NaN)."""
         ws = model._workspace_for(batch_size)
         xbuf, tbuf, lbuf = ws.batch_buffers(model.n_inputs, model.n_outputs, model.dtype)
         n = X.shape[0]
@@ -151,6 +161,9 @@ class Backend:
                 xb = X[start:stop]
                 tb = T[start:stop] if T.shape[0] else T
                 lb = labels[start:stop] if labels.shape[0] else labels
+            if check_x and not np.isfinite(xb).all():
+                out_loss[it - it0] = np.nan
+                return it, steps
             total = model._accumulate(xb, tb, lb, loss, m)
             out_loss[it - it0] = total
             out_correct[it - it0] = count_correct(model._workspace.A[-1][:m], tb, lb, loss)

@@ -50,14 +50,20 @@ class CythonBackend(Backend):
     def accumulate_gradients(self, layers, X, T, labels, loss, ws, m):
         return self._plan(layers, ws).iteration(X, T, labels, loss)
 
+    @staticmethod
+    def checks_batches(batch_size):
+        # the kernels check each batch's rows of X for NaN/inf as they gather them
+        return _kernels.checks_batches_cheaply(batch_size)
+
     def run_iterations(self, model, X, T, labels, order, batch_size, it0, it1, n_iters,
-                       accumulate, loss, optimizer, group, out_loss, out_correct):
+                       accumulate, loss, optimizer, group, out_loss, out_correct,
+                       check_x=False):
         ws = model._workspace_for(batch_size)
         xbuf, tbuf, lbuf = ws.batch_buffers(model.n_inputs, model.n_outputs, model.dtype)
         args, state1, state2 = optimizer.kernel_args(model)
         failed, steps = self._plan(model.layers, ws).run(
             X, T, labels, order, batch_size, it0, it1, n_iters, accumulate, loss, args,
-            state1, state2, xbuf, tbuf, lbuf, out_loss, out_correct, group)
+            state1, state2, xbuf, tbuf, lbuf, out_loss, out_correct, group, check_x)
         optimizer.iterations += steps
         model._grad_count = int(group[1])
         return failed, steps
