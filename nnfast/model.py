@@ -118,15 +118,18 @@ class Sequential:
             layer.build(rng, self.dtype)
         self._grad_count = 0
         self._workspace: Optional[Workspace] = None
+        self._restart_copies = None       # fit's copies of the parameters (training.py)
         self._guard = _ModelGuard()
         self.loss: Optional[str] = None   # loss of the last fit / compute_gradients
         self.history = None               # History of the latest fit (updated as it runs)
 
     def __getstate__(self):
-        # copy/pickle: the lock and the workspace (raw-pointer plan) are per instance
+        # copy/pickle: the lock, the workspace (raw-pointer plan) and fit's scratch copies
+        # are per instance
         state = dict(self.__dict__)
         state["_guard"] = None
         state["_workspace"] = None
+        state["_restart_copies"] = None
         return state
 
     def __setstate__(self, state):

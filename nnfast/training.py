@@ -324,7 +324,7 @@ def _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate, shuffle, 
             "of the last good step", epoch=epoch + 1, iteration=b)
 
     opt._bind(model)          # optimizer state exists from here on (restart copies it)
-    restart = _Restart(model, opt)
+    restart = _Restart(model, opt, kept=True)
     model.history = hist
     model.zero_grad()
     pos = 0            # iterations of the current epoch done (fit's position in it)
@@ -468,11 +468,12 @@ class _Restart:
     update overflows, ``fit`` comes back here and redoes the steps up to the last good
     one. Costs one copy of the parameters and optimizer state per epoch."""
 
-    def __init__(self, model, opt):
+    def __init__(self, model, opt, kept=False):
         self.model = model
         self.arrays = [p for p, _ in model._params_and_grads()]
         self.arrays += [st[key] for st in opt._state for key in sorted(st)]
-        self.copies = [np.empty_like(a) for a in self.arrays]
+        self.copies = (_kept_copies(model, self.arrays) if kept
+                       else [np.empty_like(a) for a in self.arrays])
         self.flat = [a.reshape(-1) for a in self.arrays]
 
     def take(self, it0, opt, hist):
@@ -498,6 +499,18 @@ class _Restart:
         del hist.batch_losses[self.iterations:]
         hist.iterations = self.iterations
         self.model.zero_grad()
+
+
+def _kept_copies(model, arrays):
+    """Buffers for ``_Restart``'s copies of ``arrays``, kept on the model from one fit to
+    the next. Fresh ones are new pages, which the first copy faults in: for C's 21 M
+    parameters 38 ms, against 6 ms for a copy into pages already there (a C/256 epoch
+    is 1.26 s; in-process A/B, C/256 1.037x)."""
+    kept = getattr(model, "_restart_copies", None)
+    if kept is None or [(c.shape, c.dtype) for c in kept] != [(a.shape, a.dtype)
+                                                              for a in arrays]:
+        kept = model._restart_copies = [np.empty_like(a) for a in arrays]
+    return kept
 
 
 def _check_checkpoint_args(checkpoint, checkpoint_every, resume):

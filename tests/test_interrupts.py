@@ -124,6 +124,35 @@ def test_divergence_keeps_the_last_good_step(backend, case):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [c for c in DIVERGING if DIVERGING[c][3] == "update"])
+def test_divergence_goes_back_right_through_copies_an_earlier_fit_left(backend, case):
+    """fit keeps its copy of the parameters and optimizer state on the model from one
+    fit to the next (training._kept_copies): going back to the last good step through
+    those buffers gives what a model without them gets."""
+    make_opt, acc, bs, _ = DIVERGING[case]
+    X, Y = regression()
+    kw = dict(loss="mse", epochs=30, batch_size=bs, accumulate=acc, seed=0)
+    results = []
+    for forget in (False, True):
+        model, opt = linear_net(backend), make_opt()
+        model.fit(X, Y, loss="mse", optimizer=nf.SGD(lr=1e-3), epochs=2, batch_size=16,
+                  seed=1)
+        assert model._restart_copies is not None
+        if forget:
+            model._restart_copies = None
+        with pytest.raises(nf.DivergenceError) as info:
+            model.fit(X, Y, optimizer=opt, **kw)
+        results.append(((info.value.epoch, info.value.iteration), model.get_weights(),
+                        [a for _, a in opt.state_arrays()]))
+    (where, weights, state), (where_ref, weights_ref, state_ref) = results
+    assert where == where_ref
+    assert_same(weights, weights_ref)
+    assert_same(state, state_ref)
+    assert finite(weights) and finite(state)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_divergence_never_reaches_a_checkpoint(tmp_path, backend):
     """The update that overflows is caught before the checkpoint after it is written:
     the file holds the last good step and resumes."""

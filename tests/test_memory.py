@@ -123,3 +123,28 @@ def test_peak_rss_during_fit_is_bounded(tmp_path):
     before, after, params = map(int, out)
     growth = after - before
     assert growth <= 4 * params + 64 * 2**20, (growth, params)
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_fit_reuses_its_copy_of_the_parameters(backend):
+    """fit's copy of the parameters and optimizer state (what a divergence goes back to)
+    lives on the model from one fit to the next: new buffers every fit are new pages,
+    faulted in by the first copy (C/256: 38 ms of a 1.26 s epoch). A fit of another
+    optimizer gets buffers of its shapes; copies and pickles of the model get none."""
+    import copy
+    import pickle
+    X, y = _data(600)
+    model = _model(backend)
+    opt = nf.SGD(lr=0.01, momentum=0.9)
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, batch_size=100)
+    kept = model._restart_copies
+    params = [p for p, _ in model._params_and_grads()]
+    assert len(kept) == 2 * len(params)          # parameters and momentum buffers
+    ids = [id(a) for a in kept]
+    model.fit(X, y, optimizer=opt, batch_size=50)
+    assert [id(a) for a in model._restart_copies] == ids
+    model.fit(X, y, optimizer=nf.Adam(), batch_size=50)
+    assert len(model._restart_copies) == 3 * len(params)
+    for twin in (copy.copy(model), copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin._restart_copies is None
+
