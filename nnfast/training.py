@@ -190,7 +190,8 @@ def fit(model, X, y, loss=None, optimizer=None, epochs=1, batch_size=32, accumul
     the result of exactly ``history.steps`` steps of this fit.
 
     To go back to the last good step, ``fit`` keeps one copy of the parameters and the
-    optimizer state, refreshed at the start of every epoch.
+    optimizer state, refreshed at the start of every epoch (its buffers stay with the
+    model for the next fit).
     """
     with model._guard:  # one thread per model (RuntimeError otherwise)
         return _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate, shuffle,
