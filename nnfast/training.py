@@ -211,8 +211,10 @@ def _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate, shuffle, 
     defer_check = (checkpoint is None and not drop_last
                    and (callbacks is None or isinstance(callbacks, (list, tuple))
                         and len(callbacks) == 0)
-                   and (batch_size is None or type(batch_size) is int and batch_size > 0)
-                   and model._backend.checks_batches(batch_size or 1 << 62))
+                   and (batch_size is None or isinstance(batch_size, (int, np.integer))
+                        and not isinstance(batch_size, bool) and batch_size > 0)
+                   and model._backend.checks_batches(1 << 62 if batch_size is None
+                                                     else int(batch_size)))
     X = as_matrix(X, "X", model.dtype, model.n_inputs, finite=not defer_check)
     code, T, labels = _losses.prepare_targets(name, y, X.shape[0], model.n_outputs,
                                               model.dtype)

@@ -227,6 +227,7 @@ def test_large_batches_skip_the_pass_over_x(monkeypatch):
     seen = full_scans(monkeypatch, 1000)
     make([30, 20, 4]).fit(X, y, loss="cross_entropy", batch_size=128, seed=0)
     make([30, 20, 4]).fit(X, y, loss="cross_entropy", batch_size=None, seed=0)
+    make([30, 20, 4]).fit(X, y, loss="cross_entropy", batch_size=np.int64(100), seed=0)
     assert seen == []
 
 
