@@ -1073,7 +1073,7 @@ def fit_case(draw):
                                       else "none"))
     case["fault"] = fault
     ints = {"epochs": draw(st.sampled_from([1, 2, 3])),
-            "batch_size": draw(st.sampled_from([None, 1, 2, 3, 4, 7, 32])),
+            "batch_size": draw(st.sampled_from([None, 1, 2, 3, 4, 7, 32, 65])),
             "accumulate": draw(st.sampled_from([1, 1, 2, 3]))}
     if fault in ints:
         ints[fault] = draw(st.sampled_from(BAD_INTS[:-1] if fault == "batch_size"
