@@ -84,7 +84,7 @@ DIVERGING = {   # optimizer, accumulate, batch_size, which check sees it first
 }
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # fit is silent on overflow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(DIVERGING))
 def test_divergence_keeps_the_last_good_step(backend, case):
@@ -122,7 +122,7 @@ def test_divergence_keeps_the_last_good_step(backend, case):
     assert model.accumulated_samples == 0
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # fit is silent on overflow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [c for c in DIVERGING if DIVERGING[c][3] == "update"])
 def test_divergence_goes_back_right_through_copies_an_earlier_fit_left(backend, case):
@@ -151,7 +151,7 @@ def test_divergence_goes_back_right_through_copies_an_earlier_fit_left(backend, 
     assert finite(weights) and finite(state)
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # fit is silent on overflow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_divergence_never_reaches_a_checkpoint(tmp_path, backend):
     """The update that overflows is caught before the checkpoint after it is written:

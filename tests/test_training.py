@@ -5,6 +5,7 @@ accumulation (in ``fit`` and in the low-level loop), agreement of the two backen
 predict/evaluate (also in chunks), ``nf.batches`` and the low-level gradient API.
 """
 import math
+import warnings
 import tracemalloc
 
 import numpy as np
@@ -775,7 +776,8 @@ def test_overflowing_validation_loss_is_reported_not_raised(backend):
     model = nf.Sequential(nf.Dense(1, 5, activation="leaky_relu"),
                           nf.Dense(5, 3, activation="relu"), nf.Dense(3, 2, activation="relu"),
                           dtype="float64", seed=113, backend=backend)
-    with np.errstate(all="ignore"):   # the NumPy backend's matmul overflows (inf, then NaN)
+    with warnings.catch_warnings():   # no RuntimeWarning either (the NumPy backend's
+        warnings.simplefilter("error")  # matmul overflows: inf, then NaN)
         hist = model.fit(X, y, loss="mse", optimizer=nf.SGD(lr=0.01), epochs=2,
                          batch_size=None, shuffle=False, validation_data=(Xv, yv))
         now = model.evaluate(Xv, yv)["loss"]

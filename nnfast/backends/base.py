@@ -138,6 +138,15 @@ class Backend:
         loss was not finite, or -1; steps taken). With ``check_x``, a batch whose rows of
         X hold NaN or inf is not used: the run stops there as at a non-finite loss (the
         loss written is NaN)."""
+        # overflow is reported the compiled kernels' way, as a non-finite loss or weights
+        # (DivergenceError), not also as NumPy's RuntimeWarnings
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self._run_iterations(model, X, T, labels, order, batch_size, it0, it1,
+                                        n_iters, accumulate, loss, optimizer, group,
+                                        out_loss, out_correct, check_x)
+
+    def _run_iterations(self, model, X, T, labels, order, batch_size, it0, it1, n_iters,
+                        accumulate, loss, optimizer, group, out_loss, out_correct, check_x):
         ws = model._workspace_for(batch_size)
         xbuf, tbuf, lbuf = ws.batch_buffers(model.n_inputs, model.n_outputs, model.dtype)
         n = X.shape[0]
