@@ -361,3 +361,21 @@ def test_bad_x_with_a_clean_validation_split_is_found_in_the_epoch(monkeypatch):
     assert model.history is first
     for a, b in zip(model.get_weights(), weights):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("accumulate", [2, 3])
+def test_bad_row_inside_an_accumulation_group(threads, accumulate):
+    sizes = [30, 24, 4]
+    X, y = data(sizes, 1000)
+    model, opt = make(sizes), nf.SGD(lr=0.05, momentum=0.9)
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, batch_size=100, seed=0)
+    before = state_of(model, opt)
+    bad = X.copy()
+    bad[417, 3] = np.nan
+    with pytest.raises(ValueError, match="X contains NaN or infinity"):
+        model.fit(bad, y, optimizer=opt, batch_size=100, accumulate=accumulate, seed=3)
+    after = state_of(model, opt)
+    for a, b in zip(after[0] + [v for st in after[1] for v in st.values()],
+                    before[0] + [v for st in before[1] for v in st.values()]):
+        np.testing.assert_array_equal(a, b)
+    assert after[2] == before[2] and model.accumulated_samples == 0
