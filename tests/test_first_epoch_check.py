@@ -23,14 +23,6 @@ pytestmark = pytest.mark.skipif(_kernels is None, reason="compiled kernels not b
 BAD_VALUES = [np.nan, np.inf, -np.inf]
 
 
-@pytest.fixture(params=[1, 2], ids=["1t", "2t"])
-def threads(request):
-    before = nf.get_num_threads()
-    nf.set_num_threads(request.param)
-    yield request.param
-    nf.set_num_threads(before)
-
-
 class setting:
     """Context: one of the kernels' path switches, put back after."""
 
