@@ -331,6 +331,7 @@ def _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate, shuffle, 
     model.history = hist
     model.zero_grad()
     pos = 0            # iterations of the current epoch done (fit's position in it)
+    bar = None         # the epoch's progress bar (verbose), closed on the way out
     try:
         _call(callbacks, "on_train_begin", model, hist)
         with deferred_sigint():
@@ -434,11 +435,15 @@ def _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate, shuffle, 
         _call(callbacks, "on_train_end", hist)
     except _NonFiniteX:
         # as if X had been checked before training: epoch 0's start is the fit's
+        if bar is not None:
+            bar.close()
         restart.restore(opt, hist)
         model.loss, model.history = before[0], before[1]
         opt._restore_binding(before[2])
         raise ValueError("X contains NaN or infinity") from None
     except BaseException as exc:
+        if bar is not None:
+            bar.close()
         # back to the last step boundary: drop an unfinished accumulation group
         open_group = pos % accumulate if pos < n_iters else 0
         if open_group:
