@@ -493,7 +493,9 @@ cdef void _bias_activate_rows(floating* z, floating* bias, floating* a, int n, i
 cdef void _bias_activate(floating* z, floating* bias, floating* a, Py_ssize_t m, int n,
                          int act) noexcept nogil:
     cdef:
-        int nthreads = _threads_for(<double>m * n)
+        # an exp or tanh costs about what 8 ReLUs do (as in _loss)
+        int nthreads = _threads_for(<double>m * n * (1 if act == RELU or act == LEAKY_RELU
+                                                     or act == IDENTITY else 8))
         int t
         Py_ssize_t chunk, lo, hi
     if nthreads <= 1:
