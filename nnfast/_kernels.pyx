@@ -579,6 +579,7 @@ cdef double _loss_rows(floating* z, floating* a, floating* t, int64_t* labels,
         floating* ar
         floating* tr
         floating* dr
+        Py_ssize_t jmax
         floating mx, s, lse, d, zj
         double total = 0
     for r in range(r0, r1):
@@ -599,12 +600,16 @@ cdef double _loss_rows(floating* z, floating* a, floating* t, int64_t* labels,
                 total += (zj if zj > 0 else 0) - zj * tr[j] + _log1p(_exp(-_fabs(zj)))
                 dr[j] = ar[j] - tr[j]
         else:
-            # softmax cross-entropy: L = logsumexp(z) - sum_k y_k z_k (with sum_k y_k = 1)
+            # softmax cross-entropy: L = logsumexp(z) - sum_k y_k z_k (with sum_k y_k = 1).
+            # a = softmax(z) is at hand: logsumexp(z) = z_k - log(a_k) for every k, taken
+            # at the largest z_k, whose a_k >= 1/n (no underflow), instead of n more exps
             mx = zr[0]
+            jmax = 0
             for j in range(1, n):
                 if zr[j] > mx:
                     mx = zr[j]
-            lse = mx + _log(_exp_sum(zr, mx, dr, n))  # dr: scratch, overwritten below
+                    jmax = j
+            lse = mx - _log(ar[jmax])
             if loss == CROSS_ENTROPY:
                 total += lse - zr[labels[r]]
                 for j in range(n):
@@ -751,7 +756,8 @@ def loss_gradient(const floating[:, ::1] Z, const floating[:, ::1] A, const floa
                   const int64_t[::1] labels, floating[:, ::1] dZ, int loss, int act):
     """Summed loss of the batch, and dZ = dL_i/dZ per sample (not divided by M).
 
-    Z, A (M, K) IN: last layer's pre-activation and activation. T (M, K) IN: targets
+    Z, A (M, K) IN: last layer's pre-activation and activation, A = act(Z) (for
+    cross-entropy, A = softmax(Z), from which the log-sum-exp is taken). T (M, K) IN: targets
     (ignored for integer-label cross-entropy, pass any (1, K) array). labels (M,) IN:
     class indices (used only for integer-label cross-entropy, else pass an empty array).
     dZ (M, K) OUT."""
