@@ -8,6 +8,7 @@ it is used, and fit then raises the ValueError of the up-front check with the mo
 optimizer as they were before the call. These tests hold the kernels to stopping at
 the right batch on every path they take, and fit to leaving nothing changed.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -23,18 +24,15 @@ pytestmark = pytest.mark.skipif(_kernels is None, reason="compiled kernels not b
 BAD_VALUES = [np.nan, np.inf, -np.inf]
 
 
-class setting:
-    """Context: one of the kernels' path switches, put back after."""
-
-    def __init__(self, setter, value):
-        self.setter, self.value = setter, value
-
-    def __enter__(self):
-        old = self.setter(self.value)
-        self.old = old[0] if isinstance(old, tuple) else old
-
-    def __exit__(self, *exc):
-        self.setter(self.old)
+@contextlib.contextmanager
+def switches(opts):
+    """The kernels' path switches of ``opts`` (``unit``: the unit split), put back after."""
+    old = _kernels._set_unit_split(False)[0] if opts.get("unit") is False else None
+    try:
+        yield
+    finally:
+        if old is not None:
+            _kernels._set_unit_split(old)
 
 
 def make(sizes, dtype=np.float32, backend="cython"):
@@ -82,13 +80,6 @@ PATHS = {
 }
 
 
-def switches(opts):
-    out = []
-    if opts.get("unit") is False:
-        out.append(setting(_kernels._set_unit_split, False))
-    return out
-
-
 def positive_first_layer(model):
     """W0 > 0: a -inf input then drives every first-layer unit to -inf, which ReLU makes
     0, so the loss stays finite and only the check can stop the batch."""
@@ -114,10 +105,7 @@ def test_run_stops_at_the_batch_holding_the_bad_row(threads, path, shuffle, valu
     pos = stop_at * bs + (bs - 1) // 2           # a row of iteration 17, mid-batch
     bad = X.copy()
     bad[order[pos] if shuffle else pos, sizes[0] // 3] = value
-    ctx = switches(opts)
-    for c in ctx:
-        c.__enter__()
-    try:
+    with switches(opts):
         checked, clean = prepare(make(sizes)), prepare(make(sizes))
         failed, steps, out_loss = run(checked, bad, y, bs, order, True)
         # the same batches before it, on clean data, unchecked
@@ -126,9 +114,6 @@ def test_run_stops_at_the_batch_holding_the_bad_row(threads, path, shuffle, valu
         whole, whole_ref = prepare(make(sizes)), prepare(make(sizes))
         assert run(whole, X, y, bs, order, True)[:2] == (-1, -(-n // bs))
         run(whole_ref, X, y, bs, order, False)
-    finally:
-        for c in reversed(ctx):
-            c.__exit__()
     assert failed == stop_at and steps == stop_at and math.isnan(out_loss[stop_at])
     assert (ref_failed, ref_steps) == (-1, stop_at)
     # the unit split hands a run holding a bad row to the other kernels, whose sums go in
@@ -153,14 +138,8 @@ def test_the_paths_are_the_ones_named(path, counter):
         n = 100 * bs
         X, y = data(sizes, n)
         model = make(sizes)
-        ctx = switches(opts)
-        for c in ctx:
-            c.__enter__()
-        try:
+        with switches(opts):
             run(model, X, y, bs, np.random.default_rng(0).permutation(n), True)
-        finally:
-            for c in reversed(ctx):
-                c.__exit__()
     finally:
         nf.set_num_threads(before)
     assert getattr(model._workspace.plan, counter) > 0
