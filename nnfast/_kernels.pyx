@@ -1082,12 +1082,14 @@ cdef struct Net:
     Py_ssize_t n_params
     Py_ssize_t* param_offset  # 2 * n_layers: where W_l, b_l start in a flat gradient
     void* split_scratch       # row split: n_params values per thread (B^T), or NULL
+    void* tail_scratch        # tail split: the last layer's k * n values per thread, or NULL
     double* split_loss        # per-thread results of the row split
     int64_t* split_correct
     void* next_x              # scratch_rows rows of X, T and labels: the batch after the
     void* next_t              # current one, gathered while the current one is in use
     int64_t* next_labels      # (the fused first-layer pass, see _net_run)
     int64_t fused_iterations  # iterations whose first-layer product came from that pass
+    int64_t tail_iterations   # iterations whose last layer took the tail split
     # the unit split (_unit_split_run; unit_view NULL where the net does not qualify): per
     # thread, pointers W, b, Z, A, G for every layer (thread 0: the net's own arrays,
     # threads 1..: private copies of the tail) and their storage; the team's private
@@ -1541,13 +1543,13 @@ cdef int64_t _count_correct(const floating* a, const floating* t, const int64_t*
 
 
 cdef double _net_forward(Net* net, const floating* x, Py_ssize_t m,
-                         bint first_ready) noexcept nogil:
-    """Forward pass of m rows; with ``first_ready`` Z[0] already holds X @ W0 (computed by
-    the previous iteration's fused first-layer pass)."""
+                         bint first_ready, int upto) noexcept nogil:
+    """Forward pass of m rows through layers 0..upto-1; with ``first_ready`` Z[0] already
+    holds X @ W0 (computed by the previous iteration's fused first-layer pass)."""
     cdef:
         int l, k, n
         const floating* inp = x
-    for l in range(net.n_layers):
+    for l in range(upto):
         k = net.width[l]
         n = net.width[l + 1]
         if l == 0 and first_ready:
@@ -1720,6 +1722,106 @@ cdef double _net_iteration_split(Net* net, const floating* x, Py_ssize_t m,
     return total
 
 
+# The tail split: a narrow last layer (the 10 classes of A and C) and the loss run as one
+# parallel region with a row split (the kernels of the row split above), where they would
+# otherwise be five serial gemm and epilogue calls too small to split across threads.
+# Each thread takes a block of the batch's rows through the last layer's forward, the
+# loss and the gradient below the layer (which the lower layers' backward needs whole:
+# one barrier), then a block of the layer's parameters through the sum over all rows and
+# the step, as ``_split_worker`` does.
+cdef bint TAIL_SPLIT = True
+cdef int TAIL_SPLIT_MAX_OUTPUTS = 15  # last layers at most this wide
+
+
+def _set_tail_split(bint on):
+    """Turn the tail split (``_net_tail_split``) on or off (for measuring it and for
+    testing both paths); returns the previous setting."""
+    global TAIL_SPLIT
+    old = TAIL_SPLIT
+    TAIL_SPLIT = on
+    return old
+
+
+cdef inline int _tail_split_threads(Net* net, Py_ssize_t m) noexcept nogil:
+    """Threads for the tail split of an m-row batch (1: its kernels on this thread), or 0
+    where the batch's last layer takes the general path: small batches, whose hand loops
+    split the layer's parameters instead, and nets without a tail split (``tail_scratch``)."""
+    cdef int last = net.n_layers - 1
+    cdef Py_ssize_t t
+    if (not TAIL_SPLIT or net.tail_scratch == NULL
+            or _hand_loops(net, m, net.width[last], net.width[last + 1])):
+        return 0
+    t = min(<Py_ssize_t>min(_num_threads, net.scratch_threads), m // ROW_SPLIT_MIN_ROWS)
+    return <int>t if t > 1 else 1
+
+
+cdef void _tail_worker(Net* net, Py_ssize_t m, const floating* t, const int64_t* labels,
+                       int loss, OptSpec* opt, bint update, bint fold, double scale,
+                       bint count) noexcept nogil:
+    """One thread's part of ``_net_tail_split`` (run by every thread of the team)."""
+    cdef:
+        int tid = nnf_thread_num(), team = nnf_team_size(), i
+        int last = net.n_layers - 1, k = net.width[last], n = net.width[last + 1]
+        Py_ssize_t chunk = (m + team - 1) // team
+        Py_ssize_t r0 = min(m, tid * chunk), r1 = min(m, tid * chunk + chunk)
+        double total = 0
+        floating* scratch = <floating*>net.tail_scratch + <Py_ssize_t>tid * k * n
+    if r1 > r0:  # (split_loss and split_correct were zeroed by the caller)
+        _small_nn(r1 - r0, n, k, <floating>1, <floating*>net.A[last - 1] + r0 * k, k, 1,
+                  <floating*>net.W[last], <floating*>net.Z[last] + r0 * n, False)
+        _bias_activate_rows(<floating*>net.Z[last], <floating*>net.b[last],
+                            <floating*>net.A[last], n, net.act[last], r0, r1)
+        net.split_loss[tid] = _loss_rows(<floating*>net.Z[last], <floating*>net.A[last],
+                                         <floating*>t, <int64_t*>labels,
+                                         <floating*>net.G[last], n, loss, net.act[last],
+                                         r0, r1)
+        if count:
+            net.split_correct[tid] = _count_correct(
+                <floating*>net.A[last] + r0 * n, t + r0 * n if t != NULL else NULL,
+                labels + r0 if labels != NULL else NULL, r1 - r0, n, loss)
+        _split_back_rows(net, last, r0, r1, scratch)
+    nnf_barrier()  # G[last] whole (for the parameter sums), W[last] read by every thread
+    for i in range(team):
+        total += net.split_loss[i]
+    if isnan(total) or isinf(total):
+        return
+    _split_layer_params(net, last, <floating*>NULL, m, tid, team, opt, update, fold, scale)
+
+
+cdef double _net_tail_split(Net* net, Py_ssize_t m, const floating* t,
+                            const int64_t* labels, int loss, OptSpec* opt, bint update,
+                            bint fold, double scale, int64_t* correct,
+                            int nsplit) noexcept nogil:
+    """The last layer and the loss of an m-row iteration, forward and backward, on
+    ``nsplit`` threads (``_tail_worker``); layers below have run forward. Leaves G[last-1]
+    for the layer below and, when the loss is finite, the last layer's gradient summed
+    (and stepped when ``update``, the step begun here). Returns the summed loss."""
+    cdef:
+        int i
+        long step0 = opt.step
+        double total = 0
+        int64_t right = 0
+    for i in range(nsplit):
+        net.split_loss[i] = 0
+        net.split_correct[i] = 0
+    net.tail_iterations += 1
+    if update:
+        _begin_step(opt)  # undone below when the loss is not finite
+    if nsplit == 1:
+        _tail_worker(net, m, t, labels, loss, opt, update, fold, scale, correct != NULL)
+    else:
+        with parallel(num_threads=nsplit):
+            _tail_worker(net, m, t, labels, loss, opt, update, fold, scale, correct != NULL)
+    for i in range(nsplit):
+        total += net.split_loss[i]
+        right += net.split_correct[i]
+    if correct != NULL:
+        correct[0] = right
+    if isnan(total) or isinf(total):
+        opt.step = step0
+    return total
+
+
 cdef bint FIRST_LAYER_FUSION = True
 
 
@@ -1765,7 +1867,7 @@ cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floa
         const floating* inp
         floating* dx
         floating* a_prev
-        int nsplit = _row_split_threads(net, m)
+        int nsplit = _row_split_threads(net, m), ntail, top
     if nsplit > 0:
         return _net_iteration_split(net, x, m, t, labels, loss, opt, update, fold, scale,
                                     correct, nsplit, src)
@@ -1773,16 +1875,28 @@ cdef double _net_iteration(Net* net, const floating* x, Py_ssize_t m, const floa
             <floating*>src.X, net.width[0], <floating*>src.T, net.width[L], src.labels,
             src.rows, m, <floating*>x, <floating*>t, <int64_t*>labels, src.check):
         return NAN
-    _net_forward(net, x, m, first_ready)
-    total = _loss(<floating*>net.Z[last], <floating*>net.A[last], <floating*>t,
-                  <int64_t*>labels, <floating*>net.G[last], m, net.width[L], loss, net.act[last])
-    if correct != NULL:
-        correct[0] = _count_correct(<floating*>net.A[last], t, labels, m, net.width[L], loss)
-    if isnan(total) or isinf(total):
-        return total
-    if update:
-        _begin_step(opt)
-    for l in range(last, -1, -1):
+    ntail = _tail_split_threads(net, m)
+    if ntail > 0:
+        _net_forward(net, x, m, first_ready, last)
+        total = _net_tail_split(net, m, t, labels, loss, opt, update, fold, scale, correct,
+                                ntail)
+        if isnan(total) or isinf(total):
+            return total
+        top = last - 1
+    else:
+        _net_forward(net, x, m, first_ready, L)
+        total = _loss(<floating*>net.Z[last], <floating*>net.A[last], <floating*>t,
+                      <int64_t*>labels, <floating*>net.G[last], m, net.width[L], loss,
+                      net.act[last])
+        if correct != NULL:
+            correct[0] = _count_correct(<floating*>net.A[last], t, labels, m,
+                                        net.width[L], loss)
+        if isnan(total) or isinf(total):
+            return total
+        if update:
+            _begin_step(opt)
+        top = last
+    for l in range(top, -1, -1):
         k = net.width[l]
         n = net.width[l + 1]
         inp = x if l == 0 else <floating*>net.A[l - 1]
@@ -2877,6 +2991,13 @@ cdef class NetworkPlan:
                                           8 if self.is64 else 4)
             if self.net.split_scratch == NULL:
                 raise MemoryError()
+        self.net.tail_scratch = NULL
+        if L >= 2 and Ws[L - 1].shape[1] <= TAIL_SPLIT_MAX_OUTPUTS:
+            self.net.tail_scratch = calloc(
+                self.net.scratch_threads * Ws[L - 1].shape[0] * Ws[L - 1].shape[1],
+                8 if self.is64 else 4)
+            if self.net.tail_scratch == NULL:
+                raise MemoryError()
         self.net.width[0] = Ws[0].shape[0]
         for l in range(L):
             self.net.width[l + 1] = Ws[l].shape[1]
@@ -2905,6 +3026,7 @@ cdef class NetworkPlan:
         free(self.net.scratch)
         free(self.net.param_offset)
         free(self.net.split_scratch)
+        free(self.net.tail_scratch)
         free(self.net.split_loss)
         free(self.net.split_correct)
         free(self.net.next_x)
@@ -2928,6 +3050,12 @@ cdef class NetworkPlan:
     def unit_split_iterations(self):
         """Iterations so far trained by the unit split (``_unit_split_run``)."""
         return self.net.unit_iterations
+
+    @property
+    def tail_split_iterations(self):
+        """Iterations so far whose last layer and loss took the tail split
+        (``_net_tail_split``)."""
+        return self.net.tail_iterations
 
     @property
     def fused_iterations(self):
