@@ -48,6 +48,7 @@ cdef extern from "_smallgemm.h":
         NNF_HAVE_SMALL_GEMM
     void nnf_sgemm_nn(long m, long n, long k, float alpha, const float* a, long rsa, long csa,
                       const float* b, long ldb, float* c, long ldc, int accumulate) noexcept nogil
+    int nnf_pack_b
     void nnf_sgemm_nt(long m, long n, long k, float alpha, const float* a, long lda,
                       const float* b, long ldb, float* c, long ldc, int accumulate,
                       float* scratch) noexcept nogil
@@ -323,7 +324,10 @@ cdef void _pgemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha
 
 # Where the hand products (float32, AVX2 build) beat gemm. Both read the operands where
 # they lie; gemm first copies them into panels, which at these sizes costs more than it
-# saves. One thread, best of 25 interleaved rounds, hand / gemm time (rows x cols x inner):
+# saves. The row limits below decide for products of more weights than HAND_MAX_WEIGHTS
+# (further down); they were measured on A's shapes before the hand kernels packed panels
+# of B, and those shapes now take the hand kernels at any batch size. One thread, best of
+# 25 interleaved rounds, hand / gemm time (rows x cols x inner):
 #   A @ B:   32x256x784 0.61, 96x256x784 0.79, 192x256x784 0.89, 256x256x784 1.13,
 #            128x128x256 0.80, 256x128x256 0.93;
 #   A^T @ B: 784x256x32 0.90, 784x256x64 1.14, 784x256x256 1.40, 256x128x64 0.92,
@@ -342,6 +346,17 @@ cdef Py_ssize_t HAND_NT_ROWS = 48
 #            128x16x128 1.01, and 128x10x8 or 16x10x128 0.98-1.00.
 # (The table above once had A^T @ B 128x10x256 at 0.53; remeasured here, 1.43.)
 cdef Py_ssize_t HAND_MIN_COLS = 16
+# Products whose weight-shaped operand (B = W of a forward product, C = W of its update)
+# has at most this many elements take the hand kernels at any number of rows: a 1 MB
+# float32 W is one Zen 4 core's L2, and split by columns across threads (_matmul_nn) each
+# core keeps its columns of W from the forward product to the update. With the panel
+# packing of _smallgemm.h, in-process A/B in training, this rule (262,144) against none
+# (0), 2 threads: A/128 1.010-1.049x, A/512 1.048x, A/2048 1.033x, B/512 1.100x, B/2048
+# 1.013x (the row split's per-thread blocks); 1 thread, all A products on the hand
+# kernels: A/128 1.034x, A/512 1.025x. C's layers (4.2M and 16.8M weights) keep gemm:
+# there the hand kernels re-read A from L3 for every 16-column panel (C/256, 2 threads:
+# every dW on them 0.894x, every forward product 0.999x).
+cdef Py_ssize_t HAND_MAX_WEIGHTS = 262144
 
 
 cdef inline bint _hand_product(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
@@ -350,8 +365,8 @@ cdef inline bint _hand_product(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
     if not NNF_HAVE_SMALL_GEMM or n < HAND_MIN_COLS:
         return False
     if a_transposed:
-        return m <= HAND_TN_ROWS or k <= HAND_TN_INNER
-    return m <= HAND_NN_ROWS
+        return m <= HAND_TN_ROWS or k <= HAND_TN_INNER or m * n <= HAND_MAX_WEIGHTS
+    return m <= HAND_NN_ROWS or k * n <= HAND_MAX_WEIGHTS
 
 
 cdef inline void _small_nn_ld(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
@@ -1013,20 +1028,38 @@ def _set_row_split_rows(Py_ssize_t min_rows_per_thread, Py_ssize_t min_batch):
 
 
 def _set_hand_product_limits(Py_ssize_t nn_rows, Py_ssize_t tn_rows, Py_ssize_t tn_inner,
-                             Py_ssize_t nt_rows, Py_ssize_t min_cols=-1):
-    """HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS (0 sends every product of
-    that form to gemm: for measuring the crossovers and for testing both paths) and, unless
-    -1, HAND_MIN_COLS (0: narrow products on the hand kernels too); returns the old five."""
+                             Py_ssize_t nt_rows, Py_ssize_t min_cols=-1,
+                             Py_ssize_t max_weights=-1):
+    """HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS and, unless -1,
+    HAND_MIN_COLS (0: narrow products on the hand kernels too) and HAND_MAX_WEIGHTS. All
+    0 (max_weights too) send every product to gemm: for measuring the crossovers and for
+    testing both paths. Returns the old six."""
     global HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS, HAND_MIN_COLS
+    global HAND_MAX_WEIGHTS
     for v in (nn_rows, tn_rows, tn_inner, nt_rows):
         if v < 0:
             raise ValueError("hand product limits must be >= 0")
     if min_cols < -1:
         raise ValueError("min_cols must be >= 0 (or -1: unchanged)")
-    old = (HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS, HAND_MIN_COLS)
+    if max_weights < -1:
+        raise ValueError("max_weights must be >= 0 (or -1: unchanged)")
+    old = (HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS, HAND_MIN_COLS,
+           HAND_MAX_WEIGHTS)
     HAND_NN_ROWS, HAND_TN_ROWS, HAND_TN_INNER, HAND_NT_ROWS = nn_rows, tn_rows, tn_inner, nt_rows
     if min_cols >= 0:
         HAND_MIN_COLS = min_cols
+    if max_weights >= 0:
+        HAND_MAX_WEIGHTS = max_weights
+    return old
+
+
+def _set_panel_packing(bint on):
+    """Whether the hand kernels copy panels of B into a contiguous buffer before use
+    (``nnf_pack_b`` in _smallgemm.h; for measuring it and testing both paths). Returns
+    the previous setting."""
+    global nnf_pack_b
+    old = nnf_pack_b != 0
+    nnf_pack_b = 1 if on else 0
     return old
 
 

@@ -120,18 +120,40 @@ static inline void nnf_snn_tile(long mr, long nr, long k, float alpha, const flo
  * all of B per 6 rows, 73-75 in blocks of 128-256 rows (OpenBLAS: 47; one thread). */
 #define NNF_NN_KC 256
 
+/* Panels of B are copied into a contiguous 16-wide buffer (at most NNF_NN_KC x 16 floats,
+ * 16 KB) before the row tiles read them, where there are at least 64 rows of C and 128 of
+ * the inner dimension: a layer's W with rows 1 KB apart (256 columns) otherwise maps a
+ * panel's rows to 1/16 of L1's sets, and every row tile read it again from L2. In
+ * training (in-process A/B, packing on / off, 2 threads): A/128 1.009-1.013x on today's
+ * routing, and it is what makes the hand kernels beat gemm at the sizes of
+ * HAND_MAX_WEIGHTS in _kernels.pyx (without it they lose: A/512 0.977x, A/256 0.995x).
+ * Packing at every size instead lost on small products: B/256 0.974x, A/32 0.98x,
+ * A/8 0.93x. The copy does not change the arithmetic: results are bit-identical.
+ * (nnf_pack_b: 0 turns it off, for measuring and testing.) */
+static int nnf_pack_b = 1;
 static void nnf_sgemm_nn(long m, long n, long k, float alpha, const float *a, long rsa,
                          long csa, const float *b, long ldb, float *c, long ldc,
                          int accumulate) {
+    float packed[NNF_NN_KC * 16] __attribute__((aligned(64)));
     for (long p0 = 0; p0 < k || p0 == 0; p0 += NNF_NN_KC) {
         long kc = k - p0 < NNF_NN_KC ? k - p0 : NNF_NN_KC;
         int acc = accumulate || p0 > 0;
         const float *ap = a + p0 * csa, *bp = b + p0 * ldb;
         for (long j = 0; j < n; j += 16) {
             long nr = n - j < 16 ? n - j : 16;
+            const float *bj = bp + j;
+            long ldbj = ldb;
+            if (nnf_pack_b && nr == 16 && m >= 64 && kc >= 128) {
+                for (long p = 0; p < kc; p++) {
+                    _mm256_store_ps(packed + p * 16, _mm256_loadu_ps(bj + p * ldb));
+                    _mm256_store_ps(packed + p * 16 + 8, _mm256_loadu_ps(bj + p * ldb + 8));
+                }
+                bj = packed;
+                ldbj = 16;
+            }
             for (long i = 0; i < m; i += 6)
                 nnf_snn_tile(m - i < 6 ? m - i : 6, nr, kc, alpha, ap + i * rsa, rsa, csa,
-                             bp + j, ldb, c + i * ldc + j, ldc, acc);
+                             bj, ldbj, c + i * ldc + j, ldc, acc);
         }
     }
 }
@@ -223,6 +245,7 @@ static void nnf_sgemm_nt(long m, long n, long k, float alpha, const float *a, lo
 
 #else
 #define NNF_HAVE_SMALL_GEMM 0
+static int nnf_pack_b = 0;  /* (no hand kernels to pack for) */
 /* never called in builds without AVX2 (gemm takes every product there) */
 static inline void nnf_sgemm_nn(long m, long n, long k, float alpha, const float *a,
                                 long rsa, long csa, const float *b, long ldb, float *c,

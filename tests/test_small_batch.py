@@ -192,7 +192,7 @@ def test_layer_sized_products_on_both_paths(form, threads):
             A = rng.standard_normal((k, m) if form == "tn" else (m, k)).astype(np.float32)
             B = rng.standard_normal((k, n)).astype(np.float32)
             C0 = rng.standard_normal((m, n)).astype(np.float32)
-            for limits in [None, (0, 0, 0, 0), (10**9, 10**9, 10**9, 10**9, 0)]:
+            for limits in [None, (0, 0, 0, 0, -1, 0), (10**9, 10**9, 10**9, 10**9, 0)]:
                 old = _kernels._set_hand_product_limits(*limits) if limits else None
                 try:
                     for alpha, accumulate in [(1.0, False), (-0.5, True)]:
@@ -221,12 +221,15 @@ def test_small_products_reject_bad_shapes():
 def test_hand_product_limits_knob_round_trips():
     old = _kernels._set_hand_product_limits(0, 0, 0, 0)
     try:
-        assert len(old) == 5 and old[4] == 16          # HAND_MIN_COLS as shipped
-        assert _kernels._set_hand_product_limits(1, 2, 3, 4, 7)[:4] == (0, 0, 0, 0)
-        assert _kernels._set_hand_product_limits(1, 2, 3, 4) == (1, 2, 3, 4, 7)
-        assert _kernels._set_hand_product_limits(1, 2, 3, 4)[4] == 7   # -1: unchanged
+        # HAND_MIN_COLS and HAND_MAX_WEIGHTS as shipped
+        assert len(old) == 6 and old[4] == 16 and old[5] == 262144
+        assert _kernels._set_hand_product_limits(1, 2, 3, 4, 7, 9)[:4] == (0, 0, 0, 0)
+        assert _kernels._set_hand_product_limits(1, 2, 3, 4) == (1, 2, 3, 4, 7, 9)
+        assert _kernels._set_hand_product_limits(1, 2, 3, 4)[4:] == (7, 9)  # -1: unchanged
         with pytest.raises(ValueError, match="min_cols"):
             _kernels._set_hand_product_limits(1, 2, 3, 4, -2)
+        with pytest.raises(ValueError, match="max_weights"):
+            _kernels._set_hand_product_limits(1, 2, 3, 4, -1, -2)
     finally:
         _kernels._set_hand_product_limits(*old)
 
@@ -245,7 +248,7 @@ def test_narrow_products_take_gemm_and_wide_ones_the_hand_kernels(form):
         B = rng.standard_normal((k, n)).astype(np.float32)
         C0 = rng.standard_normal((m, n)).astype(np.float32)
         out = {}
-        for path, limits in [("default", None), ("gemm", (0, 0, 0, 0)),
+        for path, limits in [("default", None), ("gemm", (0, 0, 0, 0, -1, 0)),
                              ("hand", (10**9, 10**9, 10**9, 10**9, 0))]:
             old = _kernels._set_hand_product_limits(*limits) if limits else None
             try:
@@ -260,3 +263,105 @@ def test_narrow_products_take_gemm_and_wide_ones_the_hand_kernels(form):
         else:   # "hand" limits change nothing where there are no hand kernels
             np.testing.assert_array_equal(out["hand"], out["gemm"])
         np.testing.assert_array_equal(out["default"], out[want])
+
+
+def packing(on):
+    class _Setting:
+        def __enter__(self):
+            self.old = _kernels._set_panel_packing(on)
+
+        def __exit__(self, *exc):
+            _kernels._set_panel_packing(self.old)
+    return _Setting()
+
+
+HAND_EVERYWHERE = (10**9, 10**9, 10**9, 10**9, 0)
+
+
+@pytest.mark.parametrize("form", ["nn", "tn"])
+@pytest.mark.parametrize("threaded", [False, True])
+def test_packed_panels_change_nothing_but_the_speed(form, threaded):
+    """Panels of B are packed from 64 rows of C and 128 of the inner dimension on: the
+    products must be bit-identical with packing off, and right against float64, on both
+    sides of those limits, across 256-row inner blocks and 16-wide column panels."""
+    rng = np.random.default_rng(21)
+    old = _kernels._set_hand_product_limits(*HAND_EVERYWHERE)
+    try:
+        for m, n, k in [(64, 256, 784), (63, 256, 784), (100, 40, 128), (130, 16, 127),
+                        (784, 256, 128), (200, 33, 300), (70, 48, 513)]:
+            A = rng.standard_normal((k, m) if form == "tn" else (m, k)).astype(np.float32)
+            B = rng.standard_normal((k, n)).astype(np.float32)
+            C0 = rng.standard_normal((m, n)).astype(np.float32)
+            for alpha, accumulate in [(1.0, False), (-0.37, True)]:
+                out = []
+                for on in (True, False):
+                    C = C0.copy()
+                    with packing(on):
+                        _kernels._small_matmul(form, A, B, C, alpha, accumulate, threaded)
+                    out.append(C)
+                np.testing.assert_array_equal(out[0], out[1])
+                ref = _small_ref(form, A, B, C0, alpha, accumulate)
+                scale = np.abs(A).max() * np.abs(B).max() * k + np.abs(C0).max()
+                np.testing.assert_allclose(out[0], ref, rtol=2e-6, atol=2e-6 * scale,
+                                           err_msg=f"{form} m={m} n={n} k={k}")
+    finally:
+        _kernels._set_hand_product_limits(*old)
+
+
+@pytest.mark.skipif(not _kernels.compiled_isa().startswith("avx2"),
+                    reason="the portable build has no hand products")
+@pytest.mark.parametrize("form", ["nn", "tn"])
+def test_small_weights_take_the_hand_kernels_at_any_batch(form):
+    """A layer of at most HAND_MAX_WEIGHTS weights (A's 784 x 256) takes the hand kernels
+    at 512 rows, far above the row limits; a larger one (1024 x 300) keeps gemm there. The
+    route shows in the rounding (alpha != 1: gemm scales the finished sum)."""
+    rng = np.random.default_rng(8)
+    for (k_w, n_w), want in [((784, 256), "hand"), ((1024, 300), "gemm")]:
+        rows = 512
+        if form == "nn":     # forward: C[rows, n_w] = X[rows, k_w] @ W
+            m, n, k = rows, n_w, k_w
+        else:                # update: C = W[k_w, n_w] += X^T @ dZ, inner = rows
+            m, n, k = k_w, n_w, rows
+        A = rng.standard_normal((k, m) if form == "tn" else (m, k)).astype(np.float32)
+        B = rng.standard_normal((k, n)).astype(np.float32)
+        C0 = rng.standard_normal((m, n)).astype(np.float32)
+        out = {}
+        for path, limits in [("default", None), ("gemm", (0, 0, 0, 0, -1, 0)),
+                             ("hand", HAND_EVERYWHERE)]:
+            old = _kernels._set_hand_product_limits(*limits) if limits else None
+            try:
+                C = C0.copy()
+                _kernels._small_matmul(form, A, B, C, -0.37, True)
+                out[path] = C
+            finally:
+                if old:
+                    _kernels._set_hand_product_limits(*old)
+        assert not np.array_equal(out["gemm"], out["hand"])
+        np.testing.assert_array_equal(out["default"], out[want])
+
+
+@pytest.mark.parametrize("batch", [128, 300])
+def test_training_is_bit_identical_with_and_without_packing(threads, batch):
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((700, 784)).astype(np.float32)
+    y = rng.integers(0, 10, 700)
+    weights = []
+    for on in (True, False):
+        m = nf.Sequential(nf.Dense(784, 256, activation="relu"),
+                          nf.Dense(256, 128, activation="relu"),
+                          nf.Dense(128, 10, activation="softmax"), seed=1)
+        with packing(on):
+            m.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.05, momentum=0.9),
+                  batch_size=batch, epochs=2, seed=2)
+        weights.append(m.get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_panel_packing_knob_round_trips():
+    old = _kernels._set_panel_packing(False)
+    try:
+        assert old is (_kernels.compiled_isa().startswith("avx2"))
+        assert _kernels._set_panel_packing(True) is False
+    finally:
+        _kernels._set_panel_packing(old)
