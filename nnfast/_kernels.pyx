@@ -49,6 +49,9 @@ cdef extern from "_smallgemm.h":
     void nnf_sgemm_nn(long m, long n, long k, float alpha, const float* a, long rsa, long csa,
                       const float* b, long ldb, float* c, long ldc, int accumulate) noexcept nogil
     int nnf_pack_b
+    void nnf_sgemm_nt_packed(long m, long n, long k, float alpha, const float* a, long lda,
+                             const float* b, long ldb, float* c, long ldc,
+                             int accumulate) noexcept nogil
     void nnf_sgemm_nt(long m, long n, long k, float alpha, const float* a, long lda,
                       const float* b, long ldb, float* c, long ldc, int accumulate,
                       float* scratch) noexcept nogil
@@ -335,7 +338,8 @@ cdef void _pgemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha
 cdef Py_ssize_t HAND_NN_ROWS = 192
 cdef Py_ssize_t HAND_TN_ROWS = 128
 cdef Py_ssize_t HAND_TN_INNER = 32
-# A @ B^T: the 2x4 tiles end in horizontal sums; gemm wins from about 48 rows.
+# A @ B^T: the 2x4 tiles end in horizontal sums; gemm wins from about 48 rows. (The
+# gradient below a layer takes packed panels of W^T from 64 rows instead: _matmul_nt.)
 cdef Py_ssize_t HAND_NT_ROWS = 48
 # Products narrower than this (the 10-wide output layer) take gemm: OpenBLAS's small-matrix
 # kernels (SkylakeX build, chosen on Zen 4 too) beat a 16-wide tile that is mostly masked.
@@ -451,6 +455,41 @@ cdef inline void _small_nt_ld(Py_ssize_t m, int n, int k, const floating* a, Py_
     else:
         _gemm(False, True, <int>m, n, k, <floating>1, <floating*>a, <int>lda, <floating*>b,
               <int>ldb, <floating>0, c, <int>ldc)
+
+
+cdef bint HAND_NT_PACKED = True
+
+
+cdef void _matmul_nt(Py_ssize_t m, int n, int k, const floating* a, const floating* b,
+                     floating* c) noexcept nogil:
+    """C[m, n] = A @ B^T across the OpenMP threads, A (m, k), B (n, k), C (m, n)
+    contiguous: the gradient below a layer, dZ @ W^T (B = W, n x k). Products of 64+
+    rows with at most HAND_MAX_WEIGHTS weights take the hand kernels with packed panels
+    of B^T (``nnf_sgemm_nt_packed``), threads taking blocks of C's columns (W's rows);
+    the rest gemm. gemm packs B^T slowly (OpenBLAS, one thread, 128 x 128 x 128: 54 us as
+    A @ B^T, 47 us as A @ B). In-process A/B in training, hand path on / off, 2 threads:
+    A/128 1.024x (calm VM), A/512 1.004-1.014x."""
+    cdef:
+        int nthreads = _num_threads
+        int t, lo, hi, chunk
+    if (floating is not float or not NNF_HAVE_SMALL_GEMM or not HAND_NT_PACKED or m < 64
+            or n < HAND_MIN_COLS or <Py_ssize_t>n * k > HAND_MAX_WEIGHTS):
+        _pgemm(False, True, <int>m, n, k, <floating>1, <floating*>a, k, <floating*>b, k,
+               <floating>0, c, n)
+        return
+    if nthreads <= 1 or 2.0 * m * n * k < PAR_MIN_FLOPS or n < 32 * nthreads:
+        nnf_sgemm_nt_packed(m, n, k, 1, <const float*>a, k, <const float*>b, k,
+                            <float*>c, n, 0)
+        return
+    chunk = (n + nthreads - 1) // nthreads
+    chunk = ((chunk + 15) // 16) * 16
+    for t in prange(nthreads, num_threads=nthreads, schedule='static'):
+        lo = t * chunk
+        hi = min(n, lo + chunk)
+        if hi > lo:
+            nnf_sgemm_nt_packed(m, hi - lo, k, 1, <const float*>a, k,
+                                <const float*>b + <Py_ssize_t>lo * k, k,
+                                <float*>c + lo, n, 0)
 
 
 cdef inline void _small_nt(Py_ssize_t m, int n, int k, const floating* a, const floating* b,
@@ -827,8 +866,7 @@ def dense_backward_input(const floating[:, ::1] dZ, const floating[:, ::1] W,
            dZ_prev.shape[0] == m and dZ_prev.shape[1] == k, "A_prev/dZ_prev shape")
     _check(0 <= act_prev < SOFTMAX, "activation code of a hidden layer")
     with nogil:
-        _pgemm(False, True, <int>m, <int>k, <int>n, <floating>1, <floating*>&dZ[0, 0], <int>n,
-               <floating*>&W[0, 0], <int>n, <floating>0, &dZ_prev[0, 0], <int>k)
+        _matmul_nt(m, <int>k, <int>n, &dZ[0, 0], &W[0, 0], &dZ_prev[0, 0])
         _scale_by_slope(&dZ_prev[0, 0], <floating*>&A_prev[0, 0], m, <int>k, act_prev)
 
 
@@ -1050,6 +1088,16 @@ def _set_hand_product_limits(Py_ssize_t nn_rows, Py_ssize_t tn_rows, Py_ssize_t 
         HAND_MIN_COLS = min_cols
     if max_weights >= 0:
         HAND_MAX_WEIGHTS = max_weights
+    return old
+
+
+def _set_hand_nt_packed(bint on):
+    """Whether the gradient below a layer may take the hand kernels with packed panels
+    of W (``_matmul_nt``; for measuring it and testing both paths); returns the previous
+    setting."""
+    global HAND_NT_PACKED
+    old = HAND_NT_PACKED
+    HAND_NT_PACKED = on
     return old
 
 
@@ -1485,7 +1533,7 @@ cdef void _blas_backward(const floating* x, floating* dz, Py_ssize_t m, int k, i
     cdef:
         floating neg = <floating>(-opt.lr * scale) if fold else 0
     if dx != NULL:
-        _pgemm(False, True, <int>m, k, n, <floating>1, dz, n, w, n, <floating>0, dx, k)
+        _matmul_nt(m, k, n, dz, w, dx)
         _scale_by_slope(dx, <floating*>a_prev, m, k, act_prev)
     if fold:
         # plain SGD folded into the product: W += (-lr/M) X^T dZ

@@ -158,6 +158,63 @@ static void nnf_sgemm_nn(long m, long n, long k, float alpha, const float *a, lo
     }
 }
 
+/* dst[p * 16 + q] = src[q * lds + p] for q < 8, p < 8: an 8 x 8 block of B's rows
+ * written as 8 rows of a packed panel (eight loads, the AVX2 transpose, eight stores). */
+static inline void nnf_transpose8x8_ps(const float *src, long lds, float *dst) {
+    __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + lds);
+    __m256 r2 = _mm256_loadu_ps(src + 2 * lds), r3 = _mm256_loadu_ps(src + 3 * lds);
+    __m256 r4 = _mm256_loadu_ps(src + 4 * lds), r5 = _mm256_loadu_ps(src + 5 * lds);
+    __m256 r6 = _mm256_loadu_ps(src + 6 * lds), r7 = _mm256_loadu_ps(src + 7 * lds);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(dst + 0 * 16, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(dst + 1 * 16, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(dst + 2 * 16, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(dst + 3 * 16, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(dst + 4 * 16, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(dst + 5 * 16, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(dst + 6 * 16, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(dst + 7 * 16, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+/* C[m, n] = alpha * A @ B^T (+ C when accumulate), A (m, k) and B (n, k) row-major, as
+ * nnf_sgemm_nn with panels of B^T packed from B's rows: each 16 rows of B (a 16-wide
+ * panel of B^T, up to NNF_NN_KC deep) are transposed into the panel buffer once and read
+ * by every row tile of C. For products of 64+ rows (the gradient below a layer,
+ * dZ @ W^T); the 2 x 4 tiles of nnf_sgemm_nt end in horizontal sums and lose to gemm
+ * from about 48 rows. */
+static void nnf_sgemm_nt_packed(long m, long n, long k, float alpha, const float *a,
+                                long lda, const float *b, long ldb, float *c, long ldc,
+                                int accumulate) {
+    float panel[NNF_NN_KC * 16] __attribute__((aligned(64)));
+    for (long p0 = 0; p0 < k || p0 == 0; p0 += NNF_NN_KC) {
+        long kc = k - p0 < NNF_NN_KC ? k - p0 : NNF_NN_KC;
+        int acc = accumulate || p0 > 0;
+        for (long j = 0; j < n; j += 16) {
+            long nr = n - j < 16 ? n - j : 16;
+            const float *bj = b + j * ldb + p0;
+            long p = 0;
+            if (nr == 16)
+                for (; p + 8 <= kc; p += 8) {
+                    nnf_transpose8x8_ps(bj + p, ldb, panel + p * 16);
+                    nnf_transpose8x8_ps(bj + 8 * ldb + p, ldb, panel + p * 16 + 8);
+                }
+            for (; p < kc; p++)
+                for (long q = 0; q < 16; q++)
+                    panel[p * 16 + q] = q < nr ? bj[q * ldb + p] : 0.0f;
+            for (long i = 0; i < m; i += 6)
+                nnf_snn_tile(m - i < 6 ? m - i : 6, nr, kc, alpha, a + i * lda + p0, lda, 1,
+                             panel, 16, c + i * ldc + j, ldc, acc);
+        }
+    }
+}
+
 /* four sums of eight lanes each, as one 128-bit vector */
 static inline __m128 nnf_hsum4_ps(__m256 s0, __m256 s1, __m256 s2, __m256 s3) {
     __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
@@ -258,6 +315,12 @@ static inline void nnf_sgemm_nt(long m, long n, long k, float alpha, const float
                                 int accumulate, float *scratch) {
     (void)m; (void)n; (void)k; (void)alpha; (void)a; (void)lda; (void)b; (void)ldb;
     (void)c; (void)ldc; (void)accumulate; (void)scratch;
+}
+static inline void nnf_sgemm_nt_packed(long m, long n, long k, float alpha, const float *a,
+                                       long lda, const float *b, long ldb, float *c,
+                                       long ldc, int accumulate) {
+    (void)m; (void)n; (void)k; (void)alpha; (void)a; (void)lda; (void)b; (void)ldb;
+    (void)c; (void)ldc; (void)accumulate;
 }
 #endif
 #endif

@@ -365,3 +365,57 @@ def test_panel_packing_knob_round_trips():
         assert _kernels._set_panel_packing(True) is False
     finally:
         _kernels._set_panel_packing(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gradient_below_a_layer_on_packed_transposed_panels(threads):
+    """dZ @ W^T takes the hand kernels with panels of W^T packed from W's rows from 64
+    rows on (for at most HAND_MAX_WEIGHTS weights), gemm below and above: right against
+    float64 on both sides of the limits, for inner widths across the 8 x 8 transposes and
+    the 256-deep blocks, with and without the hand path."""
+    rng = np.random.default_rng(13)
+    old_threads = nf.get_num_threads()
+    nf.set_num_threads(threads)
+    try:
+        for m, k, n in [(64, 256, 128), (63, 256, 128), (100, 17, 10), (130, 40, 7),
+                        (128, 784, 300), (200, 16, 257), (65, 130, 1), (513, 256, 8)]:
+            dZ = rng.standard_normal((m, n)).astype(np.float32)
+            W = rng.standard_normal((k, n)).astype(np.float32)
+            A_prev = np.abs(rng.standard_normal((m, k))).astype(np.float32)
+            A_prev[rng.random(A_prev.shape) < 0.3] = 0.0
+            ref = (dZ.astype(np.float64) @ W.T.astype(np.float64)) * (A_prev > 0)
+            scale = np.abs(dZ).max() * np.abs(W).max() * n
+            for hand in (True, False):
+                old = _kernels._set_hand_nt_packed(hand)
+                try:
+                    out = np.full((m, k), np.nan, np.float32)
+                    _kernels.dense_backward_input(dZ, W, A_prev, out, 1)
+                finally:
+                    _kernels._set_hand_nt_packed(old)
+                np.testing.assert_allclose(out, ref, rtol=2e-6, atol=2e-6 * scale,
+                                           err_msg=f"m={m} k={k} n={n} hand={hand}")
+    finally:
+        nf.set_num_threads(old_threads)
+
+
+def test_training_with_the_packed_gradient_matches_gemm_and_numpy(threads):
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((600, 300)).astype(np.float32)
+    y = rng.integers(0, 10, 600)
+    weights = {}
+    for path in ("hand", "gemm", "numpy"):
+        m = nf.Sequential(nf.Dense(300, 256, activation="relu"),
+                          nf.Dense(256, 128, activation="tanh"),
+                          nf.Dense(128, 10, activation="softmax"), seed=1,
+                          backend="numpy" if path == "numpy" else "cython")
+        old = _kernels._set_hand_nt_packed(path == "hand")
+        try:
+            m.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.05), batch_size=100,
+                  epochs=2, seed=2)
+        finally:
+            _kernels._set_hand_nt_packed(old)
+        weights[path] = m.get_weights()
+    for a, b, c in zip(weights["hand"], weights["gemm"], weights["numpy"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6)
+
