@@ -1,10 +1,11 @@
-/* Small and mid-sized float32 matrix products by hand (AVX2+FMA build only): the row
- * split's per-thread slices and the layer products of batches up to a few hundred rows.
- * There a gemm call spends more time packing its operands into panels than it saves
- * (B/32 on a 64-128-10 net: OpenBLAS's A-panel copy took 17 % of a training step and its
- * kernel 22 %; A/32's forward ran 47 GFLOP/s, 24 % of the step in the panel copy of W).
- * These kernels read the operands where they lie and keep a whole tile of C in
- * registers across a block of the inner dimension.
+/* float32 matrix products by hand (AVX2+FMA build only): the row split's per-thread
+ * slices, the layer products of batches up to a few hundred rows, and every product of
+ * a layer of up to HAND_MAX_WEIGHTS weights (_kernels.pyx). At small sizes a gemm call
+ * spends more time packing its operands into panels than it saves (B/32 on a 64-128-10
+ * net: OpenBLAS's A-panel copy took 17 % of a training step and its kernel 22 %; A/32's
+ * forward ran 47 GFLOP/s, 24 % of the step in the panel copy of W). These kernels read
+ * A where it lies, copy only 16-wide panels of B (nnf_sgemm_nn, below) and keep a whole
+ * tile of C in registers across a block of the inner dimension.
  *
  * Row-major, as the rest of the engine:
  *   nn: C[m, n] = alpha * A @ B (+ C when accumulate), A[i, p] = a[i * rsa + p * csa],
