@@ -1765,6 +1765,36 @@ cdef void _split_worker(Net* net, const floating* x, Py_ssize_t m, const floatin
             nnf_barrier()
 
 
+cdef inline void _team_begin(Net* net, int nsplit, OptSpec* opt, bint update) noexcept nogil:
+    """Before a team region (row or tail split): clear the per-thread results (a team
+    smaller than asked leaves the last entries alone) and begin the step."""
+    cdef int i
+    for i in range(nsplit):
+        net.split_loss[i] = 0
+        net.split_correct[i] = 0
+    if update:
+        _begin_step(opt)  # undone by _team_end when the loss is not finite
+
+
+cdef inline double _team_end(Net* net, int nsplit, int64_t* correct, OptSpec* opt,
+                             long step0) noexcept nogil:
+    """After a team region: the summed loss (per-thread sums in thread order) and, into
+    ``correct`` (or NULL), the right answers; a step begun for a non-finite loss is
+    undone."""
+    cdef:
+        int i
+        double total = 0
+        int64_t right = 0
+    for i in range(nsplit):
+        total += net.split_loss[i]
+        right += net.split_correct[i]
+    if correct != NULL:
+        correct[0] = right
+    if isnan(total) or isinf(total):
+        opt.step = step0
+    return total
+
+
 cdef double _net_iteration_split(Net* net, const floating* x, Py_ssize_t m,
                                  const floating* t, const int64_t* labels, int loss,
                                  OptSpec* opt, bint update, bint fold, double scale,
@@ -1776,16 +1806,8 @@ cdef double _net_iteration_split(Net* net, const floating* x, Py_ssize_t m,
     rows through forward, loss and backward, and a block of every parameter array
     through its gradient sum and step; the products are the small kernels. With
     ``nsplit`` 1 the worker runs on this thread, without a region."""
-    cdef:
-        int i
-        long step0 = opt.step
-        double total = 0
-        int64_t right = 0
-    for i in range(nsplit):  # a team smaller than asked leaves the last entries alone
-        net.split_loss[i] = 0
-        net.split_correct[i] = 0
-    if update:
-        _begin_step(opt)  # undone below when the loss is not finite
+    cdef long step0 = opt.step
+    _team_begin(net, nsplit, opt, update)
     if nsplit == 1:
         _split_worker(net, x, m, t, labels, loss, opt, update, fold, scale, correct != NULL,
                       src)
@@ -1793,14 +1815,7 @@ cdef double _net_iteration_split(Net* net, const floating* x, Py_ssize_t m,
         with parallel(num_threads=nsplit):
             _split_worker(net, x, m, t, labels, loss, opt, update, fold, scale,
                           correct != NULL, src)
-    for i in range(nsplit):
-        total += net.split_loss[i]
-        right += net.split_correct[i]
-    if correct != NULL:
-        correct[0] = right
-    if isnan(total) or isinf(total):
-        opt.step = step0
-    return total
+    return _team_end(net, nsplit, correct, opt, step0)
 
 
 # The tail split: a narrow last layer (the 10 classes of A and C) and the loss run as one
@@ -1877,30 +1892,15 @@ cdef double _net_tail_split(Net* net, Py_ssize_t m, const floating* t,
     ``nsplit`` threads (``_tail_worker``); layers below have run forward. Leaves G[last-1]
     for the layer below and, when the loss is finite, the last layer's gradient summed
     (and stepped when ``update``, the step begun here). Returns the summed loss."""
-    cdef:
-        int i
-        long step0 = opt.step
-        double total = 0
-        int64_t right = 0
-    for i in range(nsplit):
-        net.split_loss[i] = 0
-        net.split_correct[i] = 0
+    cdef long step0 = opt.step
     net.tail_iterations += 1
-    if update:
-        _begin_step(opt)  # undone below when the loss is not finite
+    _team_begin(net, nsplit, opt, update)
     if nsplit == 1:
         _tail_worker(net, m, t, labels, loss, opt, update, fold, scale, correct != NULL)
     else:
         with parallel(num_threads=nsplit):
             _tail_worker(net, m, t, labels, loss, opt, update, fold, scale, correct != NULL)
-    for i in range(nsplit):
-        total += net.split_loss[i]
-        right += net.split_correct[i]
-    if correct != NULL:
-        correct[0] = right
-    if isnan(total) or isinf(total):
-        opt.step = step0
-    return total
+    return _team_end(net, nsplit, correct, opt, step0)
 
 
 cdef bint FIRST_LAYER_FUSION = True

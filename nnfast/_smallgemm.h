@@ -132,32 +132,6 @@ static inline void nnf_snn_tile(long mr, long nr, long k, float alpha, const flo
  * A/8 0.93x. The copy does not change the arithmetic: results are bit-identical.
  * (nnf_pack_b: 0 turns it off, for measuring and testing.) */
 static int nnf_pack_b = 1;
-static void nnf_sgemm_nn(long m, long n, long k, float alpha, const float *a, long rsa,
-                         long csa, const float *b, long ldb, float *c, long ldc,
-                         int accumulate) {
-    float packed[NNF_NN_KC * 16] __attribute__((aligned(64)));
-    for (long p0 = 0; p0 < k || p0 == 0; p0 += NNF_NN_KC) {
-        long kc = k - p0 < NNF_NN_KC ? k - p0 : NNF_NN_KC;
-        int acc = accumulate || p0 > 0;
-        const float *ap = a + p0 * csa, *bp = b + p0 * ldb;
-        for (long j = 0; j < n; j += 16) {
-            long nr = n - j < 16 ? n - j : 16;
-            const float *bj = bp + j;
-            long ldbj = ldb;
-            if (nnf_pack_b && nr == 16 && m >= 64 && kc >= 128) {
-                for (long p = 0; p < kc; p++) {
-                    _mm256_store_ps(packed + p * 16, _mm256_loadu_ps(bj + p * ldb));
-                    _mm256_store_ps(packed + p * 16 + 8, _mm256_loadu_ps(bj + p * ldb + 8));
-                }
-                bj = packed;
-                ldbj = 16;
-            }
-            for (long i = 0; i < m; i += 6)
-                nnf_snn_tile(m - i < 6 ? m - i : 6, nr, kc, alpha, ap + i * rsa, rsa, csa,
-                             bj, ldbj, c + i * ldc + j, ldc, acc);
-        }
-    }
-}
 
 /* dst[p * 16 + q] = src[q * lds + p] for q < 8, p < 8: an 8 x 8 block of B's rows
  * written as 8 rows of a packed panel (eight loads, the AVX2 transpose, eight stores). */
@@ -184,6 +158,54 @@ static inline void nnf_transpose8x8_ps(const float *src, long lds, float *dst) {
     _mm256_storeu_ps(dst + 7 * 16, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
 
+/* The loop of both products below: blocks of NNF_NN_KC of the inner dimension, 16-wide
+ * panels of C's columns, 6-row tiles. B is k x n (ldb apart) or, with b_transposed, n x k
+ * (B^T's panels are then always packed, transposed in 8 x 8 blocks). */
+static void nnf_sgemm_panels(long m, long n, long k, float alpha, const float *a, long rsa,
+                             long csa, const float *b, long ldb, int b_transposed, float *c,
+                             long ldc, int accumulate) {
+    float panel[NNF_NN_KC * 16] __attribute__((aligned(64)));
+    for (long p0 = 0; p0 < k || p0 == 0; p0 += NNF_NN_KC) {
+        long kc = k - p0 < NNF_NN_KC ? k - p0 : NNF_NN_KC;
+        int acc = accumulate || p0 > 0;
+        const float *ap = a + p0 * csa;
+        for (long j = 0; j < n; j += 16) {
+            long nr = n - j < 16 ? n - j : 16;
+            const float *bj = b_transposed ? b + j * ldb + p0 : b + p0 * ldb + j;
+            long ldbj = ldb;
+            if (b_transposed) {
+                long p = 0;
+                if (nr == 16)
+                    for (; p + 8 <= kc; p += 8) {
+                        nnf_transpose8x8_ps(bj + p, ldb, panel + p * 16);
+                        nnf_transpose8x8_ps(bj + 8 * ldb + p, ldb, panel + p * 16 + 8);
+                    }
+                for (; p < kc; p++)
+                    for (long q = 0; q < 16; q++)
+                        panel[p * 16 + q] = q < nr ? bj[q * ldb + p] : 0.0f;
+                bj = panel;
+                ldbj = 16;
+            } else if (nnf_pack_b && nr == 16 && m >= 64 && kc >= 128) {
+                for (long p = 0; p < kc; p++) {
+                    _mm256_store_ps(panel + p * 16, _mm256_loadu_ps(bj + p * ldb));
+                    _mm256_store_ps(panel + p * 16 + 8, _mm256_loadu_ps(bj + p * ldb + 8));
+                }
+                bj = panel;
+                ldbj = 16;
+            }
+            for (long i = 0; i < m; i += 6)
+                nnf_snn_tile(m - i < 6 ? m - i : 6, nr, kc, alpha, ap + i * rsa, rsa, csa,
+                             bj, ldbj, c + i * ldc + j, ldc, acc);
+        }
+    }
+}
+
+static void nnf_sgemm_nn(long m, long n, long k, float alpha, const float *a, long rsa,
+                         long csa, const float *b, long ldb, float *c, long ldc,
+                         int accumulate) {
+    nnf_sgemm_panels(m, n, k, alpha, a, rsa, csa, b, ldb, 0, c, ldc, accumulate);
+}
+
 /* C[m, n] = alpha * A @ B^T (+ C when accumulate), A (m, k) and B (n, k) row-major, as
  * nnf_sgemm_nn with panels of B^T packed from B's rows: each 16 rows of B (a 16-wide
  * panel of B^T, up to NNF_NN_KC deep) are transposed into the panel buffer once and read
@@ -193,27 +215,7 @@ static inline void nnf_transpose8x8_ps(const float *src, long lds, float *dst) {
 static void nnf_sgemm_nt_packed(long m, long n, long k, float alpha, const float *a,
                                 long lda, const float *b, long ldb, float *c, long ldc,
                                 int accumulate) {
-    float panel[NNF_NN_KC * 16] __attribute__((aligned(64)));
-    for (long p0 = 0; p0 < k || p0 == 0; p0 += NNF_NN_KC) {
-        long kc = k - p0 < NNF_NN_KC ? k - p0 : NNF_NN_KC;
-        int acc = accumulate || p0 > 0;
-        for (long j = 0; j < n; j += 16) {
-            long nr = n - j < 16 ? n - j : 16;
-            const float *bj = b + j * ldb + p0;
-            long p = 0;
-            if (nr == 16)
-                for (; p + 8 <= kc; p += 8) {
-                    nnf_transpose8x8_ps(bj + p, ldb, panel + p * 16);
-                    nnf_transpose8x8_ps(bj + 8 * ldb + p, ldb, panel + p * 16 + 8);
-                }
-            for (; p < kc; p++)
-                for (long q = 0; q < 16; q++)
-                    panel[p * 16 + q] = q < nr ? bj[q * ldb + p] : 0.0f;
-            for (long i = 0; i < m; i += 6)
-                nnf_snn_tile(m - i < 6 ? m - i : 6, nr, kc, alpha, a + i * lda + p0, lda, 1,
-                             panel, 16, c + i * ldc + j, ldc, acc);
-        }
-    }
+    nnf_sgemm_panels(m, n, k, alpha, a, lda, 1, b, ldb, 1, c, ldc, accumulate);
 }
 
 /* four sums of eight lanes each, as one 128-bit vector */

@@ -16,6 +16,8 @@ import pytest
 import nnfast as nf
 from nnfast._compiled import kernels as _kernels
 
+from knobs import knob
+
 
 @pytest.fixture(autouse=True)
 def _row_split_hand_loops():
@@ -24,16 +26,6 @@ def _row_split_hand_loops():
     old = _kernels._set_unit_split(False)
     yield
     _kernels._set_unit_split(*old)
-
-
-def fusion(on):
-    class _Setting:
-        def __enter__(self):
-            self.old = _kernels._set_first_layer_fusion(on)
-
-        def __exit__(self, *exc):
-            _kernels._set_first_layer_fusion(self.old)
-    return _Setting()
 
 
 def make(sizes, dtype, last="softmax"):
@@ -53,7 +45,7 @@ def data(sizes, dtype, zeros, n=61):
 
 def fit(sizes, dtype, X, y, on, batch, optimizer, **kw):
     m = make(sizes, dtype)
-    with fusion(on):
+    with knob(_kernels._set_first_layer_fusion, on):
         h = m.fit(X, y, loss="cross_entropy", optimizer=optimizer(), epochs=2,
                   batch_size=batch, seed=1, **kw)
     return m, h
@@ -137,7 +129,8 @@ def test_divergence_stops_before_the_fused_product_is_used():
     results = []
     for on in (True, False):
         m = make(sizes, np.float32)
-        with fusion(on), pytest.raises(nf.DivergenceError) as err:
+        with knob(_kernels._set_first_layer_fusion, on), \
+                pytest.raises(nf.DivergenceError) as err:
             m.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.01), epochs=1,
                   batch_size=1, shuffle=False)
         results.append((m.get_weights(), err.value.history.batch_losses))
@@ -175,7 +168,7 @@ def test_fusion_with_target_rows(threads, loss, shuffle):
     results = []
     for on in (True, False):
         m = make((203, 330, 6), np.float32, last=last)
-        with fusion(on):
+        with knob(_kernels._set_first_layer_fusion, on):
             h = m.fit(X, T, loss=name, optimizer=nf.SGD(lr=0.02), epochs=2, batch_size=1,
                       shuffle=shuffle, seed=2)
         results.append((m, h))

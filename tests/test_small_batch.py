@@ -16,6 +16,8 @@ import pytest
 import nnfast as nf
 from nnfast._compiled import kernels as _kernels
 
+from knobs import knob
+
 GEMM_ONLY = (1, 1, 1)
 HAND_ONLY = (16, 16, 16)
 
@@ -265,16 +267,6 @@ def test_narrow_products_take_gemm_and_wide_ones_the_hand_kernels(form):
         np.testing.assert_array_equal(out["default"], out[want])
 
 
-def packing(on):
-    class _Setting:
-        def __enter__(self):
-            self.old = _kernels._set_panel_packing(on)
-
-        def __exit__(self, *exc):
-            _kernels._set_panel_packing(self.old)
-    return _Setting()
-
-
 HAND_EVERYWHERE = (10**9, 10**9, 10**9, 10**9, 0)
 
 
@@ -296,7 +288,7 @@ def test_packed_panels_change_nothing_but_the_speed(form, threaded):
                 out = []
                 for on in (True, False):
                     C = C0.copy()
-                    with packing(on):
+                    with knob(_kernels._set_panel_packing, on):
                         _kernels._small_matmul(form, A, B, C, alpha, accumulate, threaded)
                     out.append(C)
                 np.testing.assert_array_equal(out[0], out[1])
@@ -350,7 +342,7 @@ def test_training_is_bit_identical_with_and_without_packing(threads, batch):
         m = nf.Sequential(nf.Dense(784, 256, activation="relu"),
                           nf.Dense(256, 128, activation="relu"),
                           nf.Dense(128, 10, activation="softmax"), seed=1)
-        with packing(on):
+        with knob(_kernels._set_panel_packing, on):
             m.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.05, momentum=0.9),
                   batch_size=batch, epochs=2, seed=2)
         weights.append(m.get_weights())

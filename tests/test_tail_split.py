@@ -15,6 +15,8 @@ import pytest
 import nnfast as nf
 from nnfast._compiled import kernels as _kernels
 
+from knobs import knob
+
 
 @pytest.fixture(autouse=True)
 def _no_unit_split():
@@ -24,16 +26,6 @@ def _no_unit_split():
     old = _kernels._set_unit_split(False)
     yield
     _kernels._set_unit_split(*old)
-
-
-def tail_split(on):
-    class _Setting:
-        def __enter__(self):
-            self.old = _kernels._set_tail_split(on)
-
-        def __exit__(self, *exc):
-            _kernels._set_tail_split(self.old)
-    return _Setting()
 
 
 LAST = {"cross_entropy": "softmax", "binary_cross_entropy": "sigmoid", "mse": "identity"}
@@ -71,7 +63,7 @@ def same_weights(m_a, m_b, dtype):
 
 def fit(sizes, dtype, loss, X, y, on, batch, opt, **kw):
     m = make(sizes, dtype, loss)
-    with tail_split(on):
+    with knob(_kernels._set_tail_split, on):
         h = m.fit(X, y, loss=loss, optimizer=OPTIMIZERS[opt](), epochs=2, batch_size=batch,
                   seed=1, **kw)
     return m, h
@@ -101,7 +93,8 @@ def test_tail_split_trains_as_the_general_path(threads, sizes, dtype,
 
 @pytest.mark.parametrize("batch", [16, 17, 100, 333])
 @pytest.mark.parametrize("accumulate", [1, 3])
-def test_tail_split_with_accumulation_odd_batches_and_no_shuffle(threads, batch, accumulate):
+def test_tail_split_with_accumulation_odd_batches_and_no_shuffle(threads, batch,
+                                                                  accumulate):
     sizes = (300, 256, 10)
     X, y = data(sizes, np.float32, "cross_entropy", n=700)
     for shuffle in (True, False):
@@ -169,7 +162,7 @@ def test_a_non_finite_loss_in_the_tail_split_stops_as_on_the_general_path(thread
     for on in (True, False):
         m = make(sizes, np.float32, "cross_entropy")
         opt = nf.Adam(lr=1e-3)
-        with tail_split(on), pytest.raises(nf.DivergenceError) as err:
+        with knob(_kernels._set_tail_split, on), pytest.raises(nf.DivergenceError) as err:
             m.fit(X, y, loss="cross_entropy", optimizer=opt, batch_size=64, shuffle=False)
         assert m._workspace.plan.tail_split_iterations == (6 if on else 0)
         results.append((m, err.value.history.batch_losses, opt.iterations))
