@@ -294,6 +294,12 @@ cdef void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
         dgemm(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
 
 
+cdef inline int _panel_chunk(int n, int nthreads) noexcept nogil:
+    """Columns per thread when n columns are split across threads: whole 16-wide SIMD
+    panels (the last thread takes what is left)."""
+    return (((n + nthreads - 1) // nthreads + 15) // 16) * 16
+
+
 cdef void _pgemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
                  floating* a, int lda, floating* b, int ldb, floating beta,
                  floating* c, int ldc) noexcept nogil:
@@ -314,8 +320,7 @@ cdef void _pgemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha
                       a + (lo if trans_a else <Py_ssize_t>lo * lda), lda,
                       b, ldb, beta, c + <Py_ssize_t>lo * ldc, ldc)
     else:
-        chunk = (n + nthreads - 1) // nthreads
-        chunk = ((chunk + 15) // 16) * 16  # whole SIMD panels per thread
+        chunk = _panel_chunk(n, nthreads)
         for t in prange(nthreads, num_threads=nthreads, schedule='static'):
             lo = t * chunk
             hi = min(n, lo + chunk)
@@ -424,8 +429,7 @@ cdef void _matmul_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha, const fl
     if nthreads <= 1 or 2.0 * m * n * k < PAR_MIN_FLOPS:
         _small_nn(m, n, k, alpha, a, rsa, csa, b, c, accumulate)
     elif n >= 32 * nthreads:
-        chunk = (n + nthreads - 1) // nthreads
-        chunk = ((chunk + 15) // 16) * 16
+        chunk = _panel_chunk(n, nthreads)
         for t in prange(nthreads, num_threads=nthreads, schedule='static'):
             lo = t * chunk
             hi = min(n, lo + chunk)
@@ -481,8 +485,7 @@ cdef void _matmul_nt(Py_ssize_t m, int n, int k, const floating* a, const floati
         nnf_sgemm_nt_packed(m, n, k, 1, <const float*>a, k, <const float*>b, k,
                             <float*>c, n, 0)
         return
-    chunk = (n + nthreads - 1) // nthreads
-    chunk = ((chunk + 15) // 16) * 16
+    chunk = _panel_chunk(n, nthreads)
     for t in prange(nthreads, num_threads=nthreads, schedule='static'):
         lo = t * chunk
         hi = min(n, lo + chunk)

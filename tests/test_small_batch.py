@@ -20,6 +20,9 @@ from knobs import knob
 
 GEMM_ONLY = (1, 1, 1)
 HAND_ONLY = (16, 16, 16)
+# _set_hand_product_limits: every product on the hand kernels (narrow ones too) / on gemm
+HAND_EVERYWHERE = (10**9, 10**9, 10**9, 10**9, 0)
+GEMM_EVERYWHERE = (0, 0, 0, 0, -1, 0)
 
 
 def with_limits(limits, fn):
@@ -194,7 +197,7 @@ def test_layer_sized_products_on_both_paths(form, threads):
             A = rng.standard_normal((k, m) if form == "tn" else (m, k)).astype(np.float32)
             B = rng.standard_normal((k, n)).astype(np.float32)
             C0 = rng.standard_normal((m, n)).astype(np.float32)
-            for limits in [None, (0, 0, 0, 0, -1, 0), (10**9, 10**9, 10**9, 10**9, 0)]:
+            for limits in [None, GEMM_EVERYWHERE, HAND_EVERYWHERE]:
                 old = _kernels._set_hand_product_limits(*limits) if limits else None
                 try:
                     for alpha, accumulate in [(1.0, False), (-0.5, True)]:
@@ -236,6 +239,24 @@ def test_hand_product_limits_knob_round_trips():
         _kernels._set_hand_product_limits(*old)
 
 
+def _by_route(form, A, B, C0):
+    """C0 - 0.37 op(A) @ B as routed by default, all on gemm and all on the hand kernels
+    (alpha != 1 shows the route in the rounding: gemm scales the finished sum, the hand
+    kernels each term)."""
+    out = {}
+    for path, limits in [("default", None), ("gemm", GEMM_EVERYWHERE),
+                         ("hand", HAND_EVERYWHERE)]:
+        old = _kernels._set_hand_product_limits(*limits) if limits else None
+        try:
+            C = C0.copy()
+            _kernels._small_matmul(form, A, B, C, -0.37, True)
+            out[path] = C
+        finally:
+            if old:
+                _kernels._set_hand_product_limits(*old)
+    return out
+
+
 @pytest.mark.parametrize("form", ["nn", "tn"])
 def test_narrow_products_take_gemm_and_wide_ones_the_hand_kernels(form):
     """The routing as shipped, seen through the rounding: a 10-wide product equals the gemm
@@ -249,25 +270,12 @@ def test_narrow_products_take_gemm_and_wide_ones_the_hand_kernels(form):
         A = rng.standard_normal((k, m) if form == "tn" else (m, k)).astype(np.float32)
         B = rng.standard_normal((k, n)).astype(np.float32)
         C0 = rng.standard_normal((m, n)).astype(np.float32)
-        out = {}
-        for path, limits in [("default", None), ("gemm", (0, 0, 0, 0, -1, 0)),
-                             ("hand", (10**9, 10**9, 10**9, 10**9, 0))]:
-            old = _kernels._set_hand_product_limits(*limits) if limits else None
-            try:
-                C = C0.copy()
-                _kernels._small_matmul(form, A, B, C, -0.37, True)
-                out[path] = C
-            finally:
-                if old:
-                    _kernels._set_hand_product_limits(*old)
+        out = _by_route(form, A, B, C0)
         if hand_kernels:
             assert not np.array_equal(out["gemm"], out["hand"])
         else:   # "hand" limits change nothing where there are no hand kernels
             np.testing.assert_array_equal(out["hand"], out["gemm"])
         np.testing.assert_array_equal(out["default"], out[want])
-
-
-HAND_EVERYWHERE = (10**9, 10**9, 10**9, 10**9, 0)
 
 
 @pytest.mark.parametrize("form", ["nn", "tn"])
@@ -317,17 +325,7 @@ def test_small_weights_take_the_hand_kernels_at_any_batch(form):
         A = rng.standard_normal((k, m) if form == "tn" else (m, k)).astype(np.float32)
         B = rng.standard_normal((k, n)).astype(np.float32)
         C0 = rng.standard_normal((m, n)).astype(np.float32)
-        out = {}
-        for path, limits in [("default", None), ("gemm", (0, 0, 0, 0, -1, 0)),
-                             ("hand", HAND_EVERYWHERE)]:
-            old = _kernels._set_hand_product_limits(*limits) if limits else None
-            try:
-                C = C0.copy()
-                _kernels._small_matmul(form, A, B, C, -0.37, True)
-                out[path] = C
-            finally:
-                if old:
-                    _kernels._set_hand_product_limits(*old)
+        out = _by_route(form, A, B, C0)
         assert not np.array_equal(out["gemm"], out["hand"])
         np.testing.assert_array_equal(out["default"], out[want])
 
