@@ -180,3 +180,26 @@ def test_small_batches_and_wide_last_layers_keep_the_general_path(threads):
         X, y = data(sizes, np.float32, "cross_entropy", n=130)
         m, _ = fit(sizes, np.float32, "cross_entropy", X, y, True, batch, "sgd")
         assert m._workspace.plan.tail_split_iterations == 0
+
+
+@pytest.mark.parametrize("batch", [4, 5, 6])
+def test_tail_split_beside_the_fused_first_layer_pass(batch):
+    """From 4 rows a small last layer leaves the hand loops while a large first layer on
+    two threads keeps them, with the fused first-layer pass: both run in one iteration."""
+    sizes = (784, 256, 128, 10)
+    X, y = data(sizes, np.float32, "cross_entropy", n=120)
+    old = nf.get_num_threads()
+    nf.set_num_threads(2)
+    try:
+        runs = []
+        for on in (True, False):
+            m, h = fit(sizes, np.float32, "cross_entropy", X, y, on, batch, "momentum",
+                       accumulate=2)
+            runs.append((m, h))
+    finally:
+        nf.set_num_threads(old)
+    (m_on, h_on), (m_off, h_off) = runs
+    plan = m_on._workspace.plan
+    assert plan.tail_split_iterations > 0 and plan.fused_iterations > 0
+    same_weights(m_on, m_off, np.float32)
+    np.testing.assert_allclose(h_on.batch_losses, h_off.batch_losses, **TOL[np.float32])
