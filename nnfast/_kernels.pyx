@@ -356,9 +356,11 @@ cdef Py_ssize_t HAND_NT_ROWS = 48
 # (The table above once had A^T @ B 128x10x256 at 0.53; remeasured here, 1.43.)
 cdef Py_ssize_t HAND_MIN_COLS = 16
 # Products whose weight-shaped operand (B = W of a forward product, C = W of its update)
-# has at most this many elements take the hand kernels at any number of rows: a 1 MB
-# float32 W is one Zen 4 core's L2, and split by columns across threads (_matmul_nn) each
-# core keeps its columns of W from the forward product to the update. With the panel
+# has at most this many elements take the hand kernels at any number of rows, where W's
+# columns give every thread two 16-wide panels or more: a 1 MB float32 W is one Zen 4
+# core's L2, and split by columns across threads (_matmul_nn) each core keeps its
+# columns of W from the forward product to the update. (With fewer columns a thread the
+# split would go by rows, every thread reading all of W: not measured, so gemm.) With the panel
 # packing of _smallgemm.h, in-process A/B in training, this rule (262,144) against none
 # (0), 2 threads: A/128 1.010-1.049x, A/512 1.048x, A/2048 1.033x, B/512 1.100x, B/2048
 # 1.013x (the row split's per-thread blocks); 1 thread, all A products on the hand
@@ -374,8 +376,9 @@ cdef inline bint _hand_product(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
     if not NNF_HAVE_SMALL_GEMM or n < HAND_MIN_COLS:
         return False
     if a_transposed:
-        return m <= HAND_TN_ROWS or k <= HAND_TN_INNER or m * n <= HAND_MAX_WEIGHTS
-    return m <= HAND_NN_ROWS or k * n <= HAND_MAX_WEIGHTS
+        return (m <= HAND_TN_ROWS or k <= HAND_TN_INNER
+                or (m * n <= HAND_MAX_WEIGHTS and n >= 32 * _num_threads))
+    return m <= HAND_NN_ROWS or (k * n <= HAND_MAX_WEIGHTS and n >= 32 * _num_threads)
 
 
 cdef inline void _small_nn_ld(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,

@@ -311,12 +311,23 @@ def test_packed_panels_change_nothing_but_the_speed(form, threaded):
 @pytest.mark.skipif(not _kernels.compiled_isa().startswith("avx2"),
                     reason="the portable build has no hand products")
 @pytest.mark.parametrize("form", ["nn", "tn"])
-def test_small_weights_take_the_hand_kernels_at_any_batch(form):
+@pytest.mark.parametrize("threads", [1, 2, 9])
+def test_small_weights_take_the_hand_kernels_at_any_batch(form, threads):
     """A layer of at most HAND_MAX_WEIGHTS weights (A's 784 x 256) takes the hand kernels
-    at 512 rows, far above the row limits; a larger one (1024 x 300) keeps gemm there. The
-    route shows in the rounding (alpha != 1: gemm scales the finished sum)."""
+    at 512 rows, far above the row limits, while its columns make two 16-wide panels a
+    thread (not on 9 threads); a larger one (1024 x 300) keeps gemm there. The route
+    shows in the rounding (alpha != 1: gemm scales the finished sum)."""
     rng = np.random.default_rng(8)
-    for (k_w, n_w), want in [((784, 256), "hand"), ((1024, 300), "gemm")]:
+    old_threads = nf.get_num_threads()
+    nf.set_num_threads(threads)
+    try:
+        _small_weights_route(form, rng, "hand" if threads < 9 else "gemm")
+    finally:
+        nf.set_num_threads(old_threads)
+
+
+def _small_weights_route(form, rng, small):
+    for (k_w, n_w), want in [((784, 256), small), ((1024, 300), "gemm")]:
         rows = 512
         if form == "nn":     # forward: C[rows, n_w] = X[rows, k_w] @ W
             m, n, k = rows, n_w, k_w
