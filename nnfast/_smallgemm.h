@@ -125,8 +125,9 @@ static inline void nnf_snn_tile(long mr, long nr, long k, float alpha, const flo
  * 16 KB) before the row tiles read them, where there are at least 64 rows of C and 128 of
  * the inner dimension: a layer's W with rows 1 KB apart (256 columns) otherwise maps a
  * panel's rows to 1/16 of L1's sets, and every row tile read it again from L2. In
- * training (in-process A/B, packing on / off, 2 threads): A/128 1.009-1.013x on today's
- * routing, and it is what makes the hand kernels beat gemm at the sizes of
+ * training (in-process A/B, packing on / off, 2 threads): A/128 1.009-1.013x with the
+ * row limits alone (before HAND_MAX_WEIGHTS), and it is what makes the hand kernels beat
+ * gemm at the sizes of
  * HAND_MAX_WEIGHTS in _kernels.pyx (without it they lose: A/512 0.977x, A/256 0.995x).
  * Packing at every size instead lost on small products: B/256 0.974x, A/32 0.98x,
  * A/8 0.93x. The copy does not change the arithmetic: results are bit-identical.
