@@ -46,12 +46,23 @@ cdef extern from "_omp_shim.h":
 cdef extern from "_smallgemm.h":
     enum:
         NNF_HAVE_SMALL_GEMM
+    ctypedef struct nnf_epilogue:
+        const float* bias
+        float* act
+        long ld_act
+        const float* slope
+        long ld_slope
+        float* colsum
+        float colsum_alpha
+    void nnf_sgemm_nn_epilogue(long m, long n, long k, float alpha, const float* a, long rsa,
+                               long csa, const float* b, long ldb, float* c, long ldc,
+                               int accumulate, const nnf_epilogue* ep) noexcept nogil
     void nnf_sgemm_nn(long m, long n, long k, float alpha, const float* a, long rsa, long csa,
                       const float* b, long ldb, float* c, long ldc, int accumulate) noexcept nogil
     int nnf_pack_b
     void nnf_sgemm_nt_packed(long m, long n, long k, float alpha, const float* a, long lda,
                              const float* b, long ldb, float* c, long ldc,
-                             int accumulate) noexcept nogil
+                             int accumulate, const nnf_epilogue* ep) noexcept nogil
     void nnf_sgemm_nt(long m, long n, long k, float alpha, const float* a, long lda,
                       const float* b, long ldb, float* c, long ldc, int accumulate,
                       float* scratch) noexcept nogil
@@ -486,7 +497,7 @@ cdef void _matmul_nt(Py_ssize_t m, int n, int k, const floating* a, const floati
         return
     if nthreads <= 1 or 2.0 * m * n * k < PAR_MIN_FLOPS or n < 32 * nthreads:
         nnf_sgemm_nt_packed(m, n, k, 1, <const float*>a, k, <const float*>b, k,
-                            <float*>c, n, 0)
+                            <float*>c, n, 0, NULL)
         return
     chunk = _panel_chunk(n, nthreads)
     for t in prange(nthreads, num_threads=nthreads, schedule='static'):
@@ -495,7 +506,130 @@ cdef void _matmul_nt(Py_ssize_t m, int n, int k, const floating* a, const floati
         if hi > lo:
             nnf_sgemm_nt_packed(m, hi - lo, k, 1, <const float*>a, k,
                                 <const float*>b + <Py_ssize_t>lo * k, k,
-                                <float*>c + lo, n, 0)
+                                <float*>c + lo, n, 0, NULL)
+
+
+# The hand products' epilogues (nnf_epilogue in _smallgemm.h): a hidden layer's bias and
+# ReLU in its forward product, ReLU's slope in the gradient below it (dZ W^T) and the
+# bias gradient's column sums in its weight gradient, each applied by the kernel that
+# forms the result instead of a pass of its own over it (and, for the column sums and a
+# layer of 128 units, instead of a serial pass while the other threads wait). The
+# results are bit-identical either way (tested).
+cdef bint EPILOGUES = True
+cdef int64_t EPILOGUE_PRODUCTS = 0  # products so far that applied their epilogue (tests)
+
+
+def _epilogue_products():
+    """How many products so far applied their epilogue in the kernel (for tests)."""
+    return EPILOGUE_PRODUCTS
+
+
+def _set_epilogues(bint on):
+    """Turn the hand products' epilogues on or off (for measuring them and for testing
+    both paths); returns the previous setting."""
+    global EPILOGUES
+    old = EPILOGUES
+    EPILOGUES = on
+    return old
+
+
+cdef inline void _epilogue_nn_part(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, float alpha,
+                                   const float* a, Py_ssize_t rsa, Py_ssize_t csa,
+                                   const float* b, Py_ssize_t ldb, float* c, Py_ssize_t ldc,
+                                   bint accumulate, const nnf_epilogue* ep, Py_ssize_t r0,
+                                   Py_ssize_t c0, bint colsum) noexcept nogil:
+    """One thread's block of ``_matmul_nn_epilogue``: C's rows from r0 and columns from
+    c0 (a, b and c already offset to them), ep's pointers offset likewise (its column
+    sums only with ``colsum``)."""
+    cdef nnf_epilogue part = ep[0]
+    part.bias = ep.bias + c0 if ep.bias != NULL else NULL
+    part.act = ep.act + r0 * ep.ld_act + c0 if ep.act != NULL else NULL
+    part.slope = ep.slope + r0 * ep.ld_slope + c0 if ep.slope != NULL else NULL
+    part.colsum = ep.colsum + c0 if ep.colsum != NULL and colsum else NULL
+    nnf_sgemm_nn_epilogue(m, n, k, alpha, a, rsa, csa, b, ldb, c, ldc, accumulate, &part)
+
+
+cdef bint _matmul_nn_epilogue(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
+                              const floating* a, Py_ssize_t rsa, Py_ssize_t csa,
+                              const floating* b, floating* c, bint accumulate,
+                              const nnf_epilogue* ep) noexcept nogil:
+    """``_matmul_nn`` with the epilogue ``ep`` (its pointers index this C's rows and
+    columns; colsum B's columns) where the product takes the hand kernels, split across
+    the threads as there. Returns False, having done nothing, where it would not (the
+    caller then runs the product and the separate passes)."""
+    global EPILOGUE_PRODUCTS
+    cdef:
+        int nthreads = _num_threads
+        int t, lo, hi, chunk
+        bint as_stored = csa == 1 and rsa >= k  # as in _matmul_nn
+    if floating is not float:
+        return False
+    if not EPILOGUES or not _hand_product(m, n, k, not as_stored):
+        return False
+    EPILOGUE_PRODUCTS += 1
+    if nthreads <= 1 or 2.0 * m * n * k < PAR_MIN_FLOPS:
+        nnf_sgemm_nn_epilogue(m, n, k, alpha, a, rsa, csa, b, n, c, n, accumulate, ep)
+    elif n >= 32 * nthreads:
+        chunk = _panel_chunk(n, nthreads)
+        for t in prange(nthreads, num_threads=nthreads, schedule='static'):
+            lo = t * chunk
+            hi = min(n, lo + chunk)
+            if hi > lo:
+                _epilogue_nn_part(m, hi - lo, k, alpha, a, rsa, csa, b + lo, n, c + lo, n,
+                                  accumulate, ep, 0, lo, True)
+    else:  # blocks of rows: every thread reads all of B, so its column sums come after
+        chunk = <int>((m + nthreads - 1) // nthreads)
+        for t in prange(nthreads, num_threads=nthreads, schedule='static'):
+            lo = t * chunk
+            hi = <int>min(m, lo + chunk)
+            if hi > lo:
+                _epilogue_nn_part(hi - lo, n, k, alpha, a + lo * rsa, rsa, csa, b, n,
+                                  c + <Py_ssize_t>lo * n, n, accumulate, ep, lo, 0, False)
+        if ep.colsum != NULL:
+            _add_column_sums(b, <floating*>ep.colsum, k, n, <floating>ep.colsum_alpha)
+    return True
+
+
+cdef bint _matmul_nt_slope(Py_ssize_t m, int n, int k, const floating* a, const floating* b,
+                           floating* c, const floating* a_prev) noexcept nogil:
+    """``_matmul_nt`` followed by ReLU's slope (C[i, j] = 0 where a_prev[i, j] <= 0, a_prev
+    (m, n)) applied by the kernel, where the product takes the packed hand kernels;
+    returns False, having done nothing, where it would not."""
+    global EPILOGUE_PRODUCTS
+    cdef:
+        int nthreads = _num_threads
+        int t, lo, hi, chunk
+        nnf_epilogue ep
+    if floating is not float:
+        return False
+    if (not EPILOGUES or not NNF_HAVE_SMALL_GEMM or not HAND_NT_PACKED or m < 64
+            or n < HAND_MIN_COLS or <Py_ssize_t>n * k > HAND_MAX_WEIGHTS):
+        return False
+    EPILOGUE_PRODUCTS += 1
+    memset(&ep, 0, sizeof(nnf_epilogue))
+    ep.ld_slope = n
+    if nthreads <= 1 or 2.0 * m * n * k < PAR_MIN_FLOPS or n < 32 * nthreads:
+        ep.slope = a_prev
+        nnf_sgemm_nt_packed(m, n, k, 1, a, k, b, k, c, n, 0, &ep)
+        return True
+    chunk = _panel_chunk(n, nthreads)
+    for t in prange(nthreads, num_threads=nthreads, schedule='static'):
+        lo = t * chunk
+        hi = min(n, lo + chunk)
+        if hi > lo:
+            _nt_slope_part(m, hi - lo, k, a, b + <Py_ssize_t>lo * k, c + lo, n, a_prev + lo)
+    return True
+
+
+cdef inline void _nt_slope_part(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* a,
+                                const float* b, float* c, Py_ssize_t ldc,
+                                const float* slope) noexcept nogil:
+    """One thread's columns of ``_matmul_nt_slope`` (b, c and slope offset to them)."""
+    cdef nnf_epilogue ep
+    memset(&ep, 0, sizeof(nnf_epilogue))
+    ep.slope = slope
+    ep.ld_slope = ldc
+    nnf_sgemm_nt_packed(m, n, k, 1, a, k, b, k, c, ldc, 0, &ep)
 
 
 cdef inline void _small_nt(Py_ssize_t m, int n, int k, const floating* a, const floating* b,
@@ -1538,16 +1672,24 @@ cdef void _blas_backward(const floating* x, floating* dz, Py_ssize_t m, int k, i
     """Backward of one layer with gemm; dX first, since the update changes W."""
     cdef:
         floating neg = <floating>(-opt.lr * scale) if fold else 0
-    if dx != NULL:
+        nnf_epilogue ep
+    if dx != NULL and not (act_prev == RELU and _matmul_nt_slope(m, k, n, dz, w, dx, a_prev)):
         _matmul_nt(m, k, n, dz, w, dx)
         _scale_by_slope(dx, <floating*>a_prev, m, k, act_prev)
+    memset(&ep, 0, sizeof(nnf_epilogue))
     if fold:
-        # plain SGD folded into the product: W += (-lr/M) X^T dZ
-        _matmul_nn(k, n, m, neg, x, 1, k, dz, w, True)
-        _add_column_sums(dz, b, m, n, neg)
+        # plain SGD folded into the product: W += (-lr/M) X^T dZ, b += (-lr/M) sum dZ
+        ep.colsum = <float*>b
+        ep.colsum_alpha = <float>neg
+        if not _matmul_nn_epilogue(k, n, m, neg, x, 1, k, dz, w, True, &ep):
+            _matmul_nn(k, n, m, neg, x, 1, k, dz, w, True)
+            _add_column_sums(dz, b, m, n, neg)
         return
-    _matmul_nn(k, n, m, <floating>1, x, 1, k, dz, dw, True)
-    _add_column_sums(dz, db, m, n, <floating>1)
+    ep.colsum = <float*>db
+    ep.colsum_alpha = 1
+    if not _matmul_nn_epilogue(k, n, m, <floating>1, x, 1, k, dz, dw, True, &ep):
+        _matmul_nn(k, n, m, <floating>1, x, 1, k, dz, dw, True)
+        _add_column_sums(dz, db, m, n, <floating>1)
     if update:
         _update_array(opt, jw, w, dw, <Py_ssize_t>k * n, scale)
         _update_array(opt, jw + 1, b, db, n, scale)
@@ -1593,6 +1735,85 @@ def _small_matmul(str form, const floating[:, ::1] A, const floating[:, ::1] B,
         else:
             _small_nt(m, <int>n, <int>k, &A[0, 0], &B[0, 0], &C[0, 0], &scratch[0])
     return C
+
+
+def _epilogue_product(str form, const float[:, ::1] A, const float[:, ::1] B,
+                      float[:, ::1] C, float[::1] bias=None, float[:, ::1] act=None,
+                      const float[:, ::1] slope=None, float[::1] colsum=None,
+                      double alpha=1.0, bint accumulate=False, bint fused=True):
+    """Test hook of the hand products' epilogues, across the kernel threads:
+    "nn" C = A @ B + bias, act = ReLU(C) (``_matmul_nn_epilogue``); "tn" C (+)= alpha
+    A^T @ B, colsum += alpha * (B's column sums) (the same); "nt" C = A @ B^T, zeroed
+    where slope <= 0 (``_matmul_nt_slope``). With ``fused`` False, the product and then
+    the separate passes the epilogues replace. Returns whether the kernel applied the
+    epilogue (False: the separate passes ran, as they do where it would not)."""
+    cdef:
+        Py_ssize_t m = C.shape[0], n = C.shape[1], k
+        nnf_epilogue ep
+        bint done = False
+        int code = 0 if form == "nn" else 1 if form == "tn" else 2
+    memset(&ep, 0, sizeof(nnf_epilogue))
+    if form == "nn":
+        k = A.shape[1]
+        _check(A.shape[0] == m and B.shape[0] == k and B.shape[1] == n, "nn shapes")
+        _check(bias is not None and bias.shape[0] == n, "nn needs bias (n,)")
+        _check(act is not None and act.shape[0] == m and act.shape[1] == n,
+               "nn needs act (m, n)")
+        ep.bias = &bias[0]
+        ep.act = &act[0, 0]
+        ep.ld_act = n
+    elif form == "tn":
+        k = A.shape[0]
+        _check(A.shape[1] == m and B.shape[0] == k and B.shape[1] == n, "tn shapes")
+        _check(colsum is not None and colsum.shape[0] == n, "tn needs colsum (n,)")
+        ep.colsum = &colsum[0]
+        ep.colsum_alpha = <float>alpha
+    elif form == "nt":
+        k = A.shape[1]
+        _check(A.shape[0] == m and B.shape[0] == n and B.shape[1] == k, "nt shapes")
+        _check(slope is not None and slope.shape[0] == m and slope.shape[1] == n,
+               "nt needs slope (m, n)")
+        _check(alpha == 1.0 and not accumulate, "nt takes alpha 1, no accumulate")
+    else:
+        raise ValueError("form must be nn, tn or nt")
+    _check(m >= 1 and n >= 1 and k >= 1, "empty product")
+    outs = [np.asarray(C)]
+    ins = [np.asarray(A), np.asarray(B)]
+    if act is not None:
+        outs.append(np.asarray(act))
+    if colsum is not None:
+        outs.append(np.asarray(colsum))
+    if bias is not None:
+        ins.append(np.asarray(bias))
+    if slope is not None:
+        ins.append(np.asarray(slope))
+    for i, o in enumerate(outs):
+        for other in ins + outs[i + 1:]:
+            _check(not np.shares_memory(o, other), "outputs overlap")
+    with nogil:
+        if code == 0:
+            if fused:
+                done = _matmul_nn_epilogue(m, <int>n, k, <float>1, &A[0, 0], k, 1, &B[0, 0],
+                                           &C[0, 0], False, &ep)
+            if not done:
+                _matmul_nn(m, <int>n, k, <float>1, &A[0, 0], k, 1, &B[0, 0], &C[0, 0], False)
+                _bias_activate(&C[0, 0], &bias[0], &act[0, 0], m, <int>n, RELU)
+        elif code == 1:
+            if fused:
+                done = _matmul_nn_epilogue(m, <int>n, k, <float>alpha, &A[0, 0], 1, m,
+                                           &B[0, 0], &C[0, 0], accumulate, &ep)
+            if not done:
+                _matmul_nn(m, <int>n, k, <float>alpha, &A[0, 0], 1, m, &B[0, 0], &C[0, 0],
+                           accumulate)
+                _add_column_sums(&B[0, 0], &colsum[0], k, <int>n, <float>alpha)
+        else:
+            if fused:
+                done = _matmul_nt_slope(m, <int>n, <int>k, &A[0, 0], &B[0, 0], &C[0, 0],
+                                        &slope[0, 0])
+            if not done:
+                _matmul_nt(m, <int>n, <int>k, &A[0, 0], &B[0, 0], &C[0, 0])
+                _scale_by_slope(&C[0, 0], <float*>&slope[0, 0], m, <int>n, RELU)
+    return done
 
 
 cdef int64_t _count_correct(const floating* a, const floating* t, const int64_t* labels,
@@ -1643,6 +1864,9 @@ cdef double _net_forward(Net* net, const floating* x, Py_ssize_t m,
             pass
         elif _hand_loops(net, m, k, n):
             _small_forward(net, inp, m, k, n, <floating*>net.W[l], <floating*>net.Z[l])
+        elif net.act[l] == RELU and _forward_relu(net, l, inp, m):
+            inp = <floating*>net.A[l]
+            continue
         else:
             _matmul_nn(m, n, k, <floating>1, inp, k, 1, <floating*>net.W[l],
                        <floating*>net.Z[l], False)
@@ -1650,6 +1874,20 @@ cdef double _net_forward(Net* net, const floating* x, Py_ssize_t m,
                        net.act[l])
         inp = <floating*>net.A[l]
     return 0
+
+
+cdef inline bint _forward_relu(Net* net, int l, const floating* inp,
+                               Py_ssize_t m) noexcept nogil:
+    """Z[l] = inp @ W[l] + b[l] and A[l] = ReLU(Z[l]) in the product's kernel, where it
+    takes the hand kernels (``_matmul_nn_epilogue``); else False, nothing done."""
+    cdef nnf_epilogue ep
+    memset(&ep, 0, sizeof(nnf_epilogue))
+    ep.bias = <float*>net.b[l]
+    ep.act = <float*>net.A[l]
+    ep.ld_act = net.width[l + 1]
+    return _matmul_nn_epilogue(m, net.width[l + 1], net.width[l], <floating>1, inp,
+                               net.width[l], 1, <floating*>net.W[l], <floating*>net.Z[l],
+                               False, &ep)
 
 
 cdef inline int _row_split_threads(Net* net, Py_ssize_t m) noexcept nogil:

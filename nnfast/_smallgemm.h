@@ -17,8 +17,50 @@
 
 #include "_simd.h"
 
+/* What a product does with its result besides storing C, on its last block of the inner
+ * dimension (a NULL member: nothing), so that no pass of its own reads C again:
+ *   bias:   C[i, j] += bias[j] (before what follows);
+ *   act:    act[i, j] = C[i, j] > 0 ? C[i, j] : 0 as well (ReLU; rows ld_act apart);
+ *   slope:  C[i, j] = slope[i, j] > 0 ? C[i, j] : 0 (ReLU's slope, read from the stored
+ *           activations; rows ld_slope apart);
+ *   colsum: colsum[j] += colsum_alpha * B[p, j] for p = 0..k-1 in turn (B's column sums:
+ *           the bias gradient sum, or plain SGD's bias step, beside dW = X^T dZ).
+ * Each is the operation of the separate pass it replaces (nnf_sbias_relu,
+ * nnf_srelu_backward, _add_column_sums), so the results are bit-identical. */
+typedef struct {
+    const float *bias;
+    float *act;
+    long ld_act;
+    const float *slope;
+    long ld_slope;
+    float *colsum;
+    float colsum_alpha;
+} nnf_epilogue;
+
 #if defined(__AVX2__) && defined(__FMA__)
 #define NNF_HAVE_SMALL_GEMM 1
+
+/* One 8-lane piece (columns q..q+7 of a tile's row i, masked to ``mask`` when ``masked``)
+ * of a tile's result v, stored at cq with the epilogue e (offset to the tile's first row
+ * and column; bias, act and slope as in nnf_epilogue). */
+static inline void nnf_epilogue_store8(const nnf_epilogue *e, long i, long q, float *cq,
+                                       __m256 v, int masked, __m256i mask) {
+    const __m256 zero = _mm256_setzero_ps();
+    if (e->bias)
+        v = _mm256_add_ps(v, masked ? _mm256_maskload_ps(e->bias + q, mask)
+                                    : _mm256_loadu_ps(e->bias + q));
+    if (e->slope) {
+        const float *sp = e->slope + i * e->ld_slope + q;
+        __m256 sl = masked ? _mm256_maskload_ps(sp, mask) : _mm256_loadu_ps(sp);
+        v = _mm256_and_ps(v, _mm256_cmp_ps(sl, zero, _CMP_GT_OQ));
+    }
+    if (masked) _mm256_maskstore_ps(cq, mask, v); else _mm256_storeu_ps(cq, v);
+    if (e->act) {
+        float *ap = e->act + i * e->ld_act + q;
+        __m256 a = _mm256_and_ps(v, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
+        if (masked) _mm256_maskstore_ps(ap, mask, a); else _mm256_storeu_ps(ap, a);
+    }
+}
 
 /* An MR x 16 tile of C, two vectors per row: MR * 2 accumulators live across k. The
  * second vector's loads and stores are a parameter: plain (tile16) or masked to the last
@@ -28,10 +70,11 @@
 #define NNF_STORE_FULL(p, mask, v) _mm256_storeu_ps(p, v)
 #define NNF_LOAD_MASKED(p, mask) _mm256_maskload_ps(p, mask)
 #define NNF_STORE_MASKED(p, mask, v) _mm256_maskstore_ps(p, mask, v)
-#define NNF_NN_TILE16(NAME, MR, LOAD_HI, STORE_HI)                                     \
+#define NNF_NN_TILE16(NAME, MR, LOAD_HI, STORE_HI, HI_MASKED)                          \
 static inline void NAME##_##MR(long k, float alpha, const float *a, long rsa,          \
                                long csa, const float *b, long ldb, float *c,           \
-                               long ldc, int accumulate, __m256i mask) {               \
+                               long ldc, int accumulate, __m256i mask,                 \
+                               const nnf_epilogue *ep) {                               \
     (void)mask;                                                                        \
     __m256 acc[MR][2];                                                                 \
     _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                             \
@@ -55,17 +98,23 @@ static inline void NAME##_##MR(long k, float alpha, const float *a, long rsa,   
             v0 = _mm256_add_ps(v0, _mm256_loadu_ps(ci));                               \
             v1 = _mm256_add_ps(v1, LOAD_HI(ci + 8, mask));                             \
         }                                                                              \
+        if (ep) {                                                                      \
+            nnf_epilogue_store8(ep, i, 0, ci, v0, 0, mask);                            \
+            nnf_epilogue_store8(ep, i, 8, ci + 8, v1, HI_MASKED, mask);                \
+            continue;                                                                  \
+        }                                                                              \
         _mm256_storeu_ps(ci, v0); STORE_HI(ci + 8, mask, v1);                          \
     }                                                                                  \
 }
 #define NNF_NN_TILE16_BOTH(MR)                                                         \
-    NNF_NN_TILE16(nnf_snn_tile16, MR, NNF_LOAD_FULL, NNF_STORE_FULL)                   \
-    NNF_NN_TILE16(nnf_snn_tile16m, MR, NNF_LOAD_MASKED, NNF_STORE_MASKED)
+    NNF_NN_TILE16(nnf_snn_tile16, MR, NNF_LOAD_FULL, NNF_STORE_FULL, 0)                \
+    NNF_NN_TILE16(nnf_snn_tile16m, MR, NNF_LOAD_MASKED, NNF_STORE_MASKED, 1)
 /* An MR x r tile, r <= 8 columns, through masked loads and stores (the last columns). */
 #define NNF_NN_TILE8(MR)                                                               \
 static inline void nnf_snn_tile8_##MR(long k, float alpha, const float *a, long rsa,   \
                                        long csa, const float *b, long ldb, float *c,   \
-                                       long ldc, int accumulate, __m256i mask) {       \
+                                       long ldc, int accumulate, __m256i mask,         \
+                                       const nnf_epilogue *ep) {                       \
     __m256 acc[MR];                                                                    \
     _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) acc[i] = _mm256_setzero_ps(); \
     for (long p = 0; p < k; p++) {                                                     \
@@ -79,6 +128,7 @@ static inline void nnf_snn_tile8_##MR(long k, float alpha, const float *a, long 
         float *ci = c + i * ldc;                                                       \
         __m256 v = _mm256_mul_ps(va, acc[i]);                                          \
         if (accumulate) v = _mm256_add_ps(v, _mm256_maskload_ps(ci, mask));            \
+        if (ep) { nnf_epilogue_store8(ep, i, 0, ci, v, 1, mask); continue; }           \
         _mm256_maskstore_ps(ci, mask, v);                                              \
     }                                                                                  \
 }
@@ -89,10 +139,11 @@ NNF_NN_TILE8(5) NNF_NN_TILE8(6)
 
 /* One tile of C: mr (1-6) rows by the 16 (or, masked, the last nr <= 16) columns at b, c. */
 #define NNF_NN_TILE_CASE(KIND, MR)                                                     \
-    case MR: nnf_snn_##KIND##_##MR(k, alpha, a, rsa, csa, b, ldb, c, ldc, accumulate, mask); break;
+    case MR: nnf_snn_##KIND##_##MR(k, alpha, a, rsa, csa, b, ldb, c, ldc, accumulate, mask, \
+                                   ep); break;
 static inline void nnf_snn_tile(long mr, long nr, long k, float alpha, const float *a,
                                 long rsa, long csa, const float *b, long ldb, float *c,
-                                long ldc, int accumulate) {
+                                long ldc, int accumulate, const nnf_epilogue *ep) {
     __m256i mask;
     if (nr == 16) {
         mask = _mm256_setzero_si256();
@@ -159,13 +210,30 @@ static inline void nnf_transpose8x8_ps(const float *src, long lds, float *dst) {
     _mm256_storeu_ps(dst + 7 * 16, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
 
+/* colsum[0..nr) += alpha * B[p, 0..nr) for the kc rows of a panel of B in turn (rows ldb
+ * apart), as _add_column_sums adds them (nnf_epilogue's colsum). */
+static inline void nnf_column_sums16(float *colsum, float alpha, const float *b, long ldb,
+                                     long kc, long nr) {
+    const __m256 va = _mm256_set1_ps(alpha);
+    __m256i m0 = nnf_first_lanes(nr < 8 ? nr : 8), m1 = nnf_first_lanes(nr > 8 ? nr - 8 : 0);
+    __m256 s0 = _mm256_maskload_ps(colsum, m0), s1 = _mm256_maskload_ps(colsum + 8, m1);
+    for (long p = 0; p < kc; p++) {
+        s0 = _mm256_fmadd_ps(va, _mm256_maskload_ps(b + p * ldb, m0), s0);
+        s1 = _mm256_fmadd_ps(va, _mm256_maskload_ps(b + p * ldb + 8, m1), s1);
+    }
+    _mm256_maskstore_ps(colsum, m0, s0);
+    _mm256_maskstore_ps(colsum + 8, m1, s1);
+}
+
 /* The loop of both products below: blocks of NNF_NN_KC of the inner dimension, 16-wide
  * panels of C's columns, 6-row tiles. B is k x n (ldb apart) or, with b_transposed, n x k
  * (B^T's panels are then always packed, transposed in 8 x 8 blocks). */
 static void nnf_sgemm_panels(long m, long n, long k, float alpha, const float *a, long rsa,
                              long csa, const float *b, long ldb, int b_transposed, float *c,
-                             long ldc, int accumulate) {
+                             long ldc, int accumulate, const nnf_epilogue *ep) {
     float panel[NNF_NN_KC * 16] __attribute__((aligned(64)));
+    nnf_epilogue te;  /* ep offset to the tile at hand */
+    if (ep) te = *ep;
     for (long p0 = 0; p0 < k || p0 == 0; p0 += NNF_NN_KC) {
         long kc = k - p0 < NNF_NN_KC ? k - p0 : NNF_NN_KC;
         int acc = accumulate || p0 > 0;
@@ -194,9 +262,19 @@ static void nnf_sgemm_panels(long m, long n, long k, float alpha, const float *a
                 bj = panel;
                 ldbj = 16;
             }
-            for (long i = 0; i < m; i += 6)
+            if (ep && ep->colsum && !b_transposed)
+                nnf_column_sums16(ep->colsum + j, ep->colsum_alpha, bj, ldbj, kc, nr);
+            int last = ep && p0 + kc >= k;
+            if (last) te.bias = ep->bias ? ep->bias + j : NULL;
+            for (long i = 0; i < m; i += 6) {
+                if (last) {
+                    te.act = ep->act ? ep->act + i * ep->ld_act + j : NULL;
+                    te.slope = ep->slope ? ep->slope + i * ep->ld_slope + j : NULL;
+                }
                 nnf_snn_tile(m - i < 6 ? m - i : 6, nr, kc, alpha, ap + i * rsa, rsa, csa,
-                             bj, ldbj, c + i * ldc + j, ldc, acc);
+                             bj, ldbj, c + i * ldc + j, ldc, acc,
+                             last && (te.bias || te.act || te.slope) ? &te : NULL);
+            }
         }
     }
 }
@@ -204,7 +282,15 @@ static void nnf_sgemm_panels(long m, long n, long k, float alpha, const float *a
 static void nnf_sgemm_nn(long m, long n, long k, float alpha, const float *a, long rsa,
                          long csa, const float *b, long ldb, float *c, long ldc,
                          int accumulate) {
-    nnf_sgemm_panels(m, n, k, alpha, a, rsa, csa, b, ldb, 0, c, ldc, accumulate);
+    nnf_sgemm_panels(m, n, k, alpha, a, rsa, csa, b, ldb, 0, c, ldc, accumulate, NULL);
+}
+
+/* nnf_sgemm_nn with the epilogue ep (NULL: none; its pointers index the columns and
+ * rows of this C). */
+static void nnf_sgemm_nn_epilogue(long m, long n, long k, float alpha, const float *a,
+                                  long rsa, long csa, const float *b, long ldb, float *c,
+                                  long ldc, int accumulate, const nnf_epilogue *ep) {
+    nnf_sgemm_panels(m, n, k, alpha, a, rsa, csa, b, ldb, 0, c, ldc, accumulate, ep);
 }
 
 /* C[m, n] = alpha * A @ B^T (+ C when accumulate), A (m, k) and B (n, k) row-major, as
@@ -215,8 +301,8 @@ static void nnf_sgemm_nn(long m, long n, long k, float alpha, const float *a, lo
  * from about 48 rows. */
 static void nnf_sgemm_nt_packed(long m, long n, long k, float alpha, const float *a,
                                 long lda, const float *b, long ldb, float *c, long ldc,
-                                int accumulate) {
-    nnf_sgemm_panels(m, n, k, alpha, a, lda, 1, b, ldb, 1, c, ldc, accumulate);
+                                int accumulate, const nnf_epilogue *ep) {
+    nnf_sgemm_panels(m, n, k, alpha, a, lda, 1, b, ldb, 1, c, ldc, accumulate, ep);
 }
 
 /* four sums of eight lanes each, as one 128-bit vector */
@@ -322,9 +408,16 @@ static inline void nnf_sgemm_nt(long m, long n, long k, float alpha, const float
 }
 static inline void nnf_sgemm_nt_packed(long m, long n, long k, float alpha, const float *a,
                                        long lda, const float *b, long ldb, float *c,
-                                       long ldc, int accumulate) {
+                                       long ldc, int accumulate, const nnf_epilogue *ep) {
     (void)m; (void)n; (void)k; (void)alpha; (void)a; (void)lda; (void)b; (void)ldb;
-    (void)c; (void)ldc; (void)accumulate;
+    (void)c; (void)ldc; (void)accumulate; (void)ep;
+}
+static inline void nnf_sgemm_nn_epilogue(long m, long n, long k, float alpha,
+                                         const float *a, long rsa, long csa, const float *b,
+                                         long ldb, float *c, long ldc, int accumulate,
+                                         const nnf_epilogue *ep) {
+    (void)m; (void)n; (void)k; (void)alpha; (void)a; (void)rsa; (void)csa; (void)b;
+    (void)ldb; (void)c; (void)ldc; (void)accumulate; (void)ep;
 }
 #endif
 #endif
