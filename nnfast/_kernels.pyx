@@ -514,7 +514,10 @@ cdef void _matmul_nt(Py_ssize_t m, int n, int k, const floating* a, const floati
 # bias gradient's column sums in its weight gradient, each applied by the kernel that
 # forms the result instead of a pass of its own over it (and, for the column sums and a
 # layer of 128 units, instead of a serial pass while the other threads wait). The
-# results are bit-identical either way (tested).
+# results are bit-identical either way (tested). In-process A/B in training, on / off,
+# 2 threads, paired medians: A/128 1.005-1.030x (six runs), A/256 1.026x, A/512
+# 0.997-1.007x. (The same three applied by each thread to its own columns as passes
+# inside the product's region measured 0.992-1.009x at A/128.)
 cdef bint EPILOGUES = True
 cdef int64_t EPILOGUE_PRODUCTS = 0  # products so far that applied their epilogue (tests)
 

@@ -11,7 +11,8 @@
  *   nn: C[m, n] = alpha * A @ B (+ C when accumulate), A[i, p] = a[i * rsa + p * csa],
  *       so A may be a matrix (rsa = lda, csa = 1) or a transposed one (rsa = 1, csa = lda);
  *   nt: C[m, n] = alpha * A @ B^T (+ C when accumulate), A[m, k] and B[n, k] row-major.
- * C must not overlap A or B. */
+ * C must not overlap A or B. Both can finish with an epilogue (nnf_epilogue, below): the
+ * bias, ReLU, ReLU's slope or B's column sums, applied as the result is stored. */
 #ifndef NNFAST_SMALLGEMM_H
 #define NNFAST_SMALLGEMM_H
 
