@@ -241,8 +241,8 @@ def test_hand_product_limits_knob_round_trips():
 
 def _by_route(form, A, B, C0):
     """C0 - 0.37 op(A) @ B as routed by default, all on gemm and all on the hand kernels
-    (alpha != 1 shows the route in the rounding: gemm scales the finished sum, the hand
-    kernels each term)."""
+    (an inner dimension over 256 shows the route in the rounding: the hand kernels add
+    each block of 256 terms into C in turn)."""
     out = {}
     for path, limits in [("default", None), ("gemm", GEMM_EVERYWHERE),
                          ("hand", HAND_EVERYWHERE)]:
@@ -260,13 +260,13 @@ def _by_route(form, A, B, C0):
 @pytest.mark.parametrize("form", ["nn", "tn"])
 def test_narrow_products_take_gemm_and_wide_ones_the_hand_kernels(form):
     """The routing as shipped, seen through the rounding: a 10-wide product equals the gemm
-    path bit for bit, a 32-wide one the hand kernels' (the two paths differ once alpha is
-    not 1: gemm scales the finished sum, the hand kernels each term). The portable build
-    has no hand products: there both widths are gemm's."""
+    path bit for bit, a 32-wide one the hand kernels' (over 300 terms the two paths round
+    differently: the hand kernels add the first 256 into C, then the rest). The portable
+    build has no hand products: there both widths are gemm's."""
     hand_kernels = _kernels.compiled_isa().startswith("avx2")
     rng = np.random.default_rng(5)
     for n, want in [(10, "gemm"), (32, "hand" if hand_kernels else "gemm")]:
-        m, k = 128, 256
+        m, k = 128, 300
         A = rng.standard_normal((k, m) if form == "tn" else (m, k)).astype(np.float32)
         B = rng.standard_normal((k, n)).astype(np.float32)
         C0 = rng.standard_normal((m, n)).astype(np.float32)
@@ -314,9 +314,10 @@ def test_packed_panels_change_nothing_but_the_speed(form, threaded):
 @pytest.mark.parametrize("threads", [1, 2, 9])
 def test_small_weights_take_the_hand_kernels_at_any_batch(form, threads):
     """A layer of at most HAND_MAX_WEIGHTS weights (A's 784 x 256) takes the hand kernels
-    at 512 rows, far above the row limits, while its columns make two 16-wide panels a
+    at 300 rows, far above the row limits, while its columns make two 16-wide panels a
     thread (not on 9 threads); a larger one (1024 x 300) keeps gemm there. The route
-    shows in the rounding (alpha != 1: gemm scales the finished sum)."""
+    shows in the rounding (inner dimensions over 256: the hand kernels add the first 256
+    terms into C, then the rest)."""
     rng = np.random.default_rng(8)
     old_threads = nf.get_num_threads()
     nf.set_num_threads(threads)
@@ -328,7 +329,7 @@ def test_small_weights_take_the_hand_kernels_at_any_batch(form, threads):
 
 def _small_weights_route(form, rng, small):
     for (k_w, n_w), want in [((784, 256), small), ((1024, 300), "gemm")]:
-        rows = 512
+        rows = 300
         if form == "nn":     # forward: C[rows, n_w] = X[rows, k_w] @ W
             m, n, k = rows, n_w, k_w
         else:                # update: C = W[k_w, n_w] += X^T @ dZ, inner = rows
