@@ -423,15 +423,9 @@ cdef inline void _small_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
 cdef void _matmul_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha, const floating* a,
                      Py_ssize_t rsa, Py_ssize_t csa, const floating* b, floating* c,
                      bint accumulate) noexcept nogil:
-    """``_small_nn`` across the OpenMP threads, or ``_pgemm`` where gemm wins.
-
-    Threads take blocks of C's columns (16-wide panels) when there are at least two panels
-    each, so the forward product and the update of a layer (C = W) give every thread the
-    same columns of W; otherwise blocks of C's rows."""
-    cdef:
-        int nthreads = _num_threads
-        int t, lo, hi, chunk
-        bint as_stored = csa == 1 and rsa >= k  # as in _small_nn
+    """``_small_nn`` across the OpenMP threads (``_hand_nn_split``), or ``_pgemm`` where
+    gemm wins."""
+    cdef bint as_stored = csa == 1 and rsa >= k  # as in _small_nn
     if floating is not float or not _hand_product(m, n, k, not as_stored):
         if not as_stored:
             _pgemm(True, False, <int>m, n, <int>k, alpha, <floating*>a, <int>csa,
@@ -440,24 +434,7 @@ cdef void _matmul_nn(Py_ssize_t m, int n, Py_ssize_t k, floating alpha, const fl
             _pgemm(False, False, <int>m, n, <int>k, alpha, <floating*>a, <int>rsa,
                    <floating*>b, n, <floating>(1 if accumulate else 0), c, n)
         return
-    if nthreads <= 1 or 2.0 * m * n * k < PAR_MIN_FLOPS:
-        _small_nn(m, n, k, alpha, a, rsa, csa, b, c, accumulate)
-    elif n >= 32 * nthreads:
-        chunk = _panel_chunk(n, nthreads)
-        for t in prange(nthreads, num_threads=nthreads, schedule='static'):
-            lo = t * chunk
-            hi = min(n, lo + chunk)
-            if hi > lo:
-                nnf_sgemm_nn(m, hi - lo, k, alpha, a, rsa, csa, b + lo, n, c + lo, n,
-                             accumulate)
-    else:
-        chunk = <int>((m + nthreads - 1) // nthreads)
-        for t in prange(nthreads, num_threads=nthreads, schedule='static'):
-            lo = t * chunk
-            hi = <int>min(m, lo + chunk)
-            if hi > lo:
-                nnf_sgemm_nn(hi - lo, n, k, alpha, a + lo * rsa, rsa, csa, b, n,
-                             c + <Py_ssize_t>lo * n, n, accumulate)
+    _hand_nn_split(m, n, k, alpha, a, rsa, csa, b, c, accumulate, NULL)
 
 
 cdef inline void _small_nt_ld(Py_ssize_t m, int n, int k, const floating* a, Py_ssize_t lda,
@@ -541,10 +518,14 @@ cdef inline void _epilogue_nn_part(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, flo
                                    const float* b, Py_ssize_t ldb, float* c, Py_ssize_t ldc,
                                    bint accumulate, const nnf_epilogue* ep, Py_ssize_t r0,
                                    Py_ssize_t c0, bint colsum) noexcept nogil:
-    """One thread's block of ``_matmul_nn_epilogue``: C's rows from r0 and columns from
-    c0 (a, b and c already offset to them), ep's pointers offset likewise (its column
-    sums only with ``colsum``)."""
-    cdef nnf_epilogue part = ep[0]
+    """One thread's block of ``_hand_nn_split``: C's rows from r0 and columns from c0
+    (a, b and c already offset to them), ep's pointers (ep may be NULL) offset likewise
+    (its column sums only with ``colsum``)."""
+    cdef nnf_epilogue part
+    if ep == NULL:
+        nnf_sgemm_nn(m, n, k, alpha, a, rsa, csa, b, ldb, c, ldc, accumulate)
+        return
+    part = ep[0]
     part.bias = ep.bias + c0 if ep.bias != NULL else NULL
     part.act = ep.act + r0 * ep.ld_act + c0 if ep.act != NULL else NULL
     part.slope = ep.slope + r0 * ep.ld_slope + c0 if ep.slope != NULL else NULL
@@ -561,15 +542,30 @@ cdef bint _matmul_nn_epilogue(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
     the threads as there. Returns False, having done nothing, where it would not (the
     caller then runs the product and the separate passes)."""
     global EPILOGUE_PRODUCTS
-    cdef:
-        int nthreads = _num_threads
-        int t, lo, hi, chunk
-        bint as_stored = csa == 1 and rsa >= k  # as in _matmul_nn
+    cdef bint as_stored = csa == 1 and rsa >= k  # as in _matmul_nn
     if floating is not float:
         return False
     if not EPILOGUES or not _hand_product(m, n, k, not as_stored):
         return False
     EPILOGUE_PRODUCTS += 1
+    _hand_nn_split(m, n, k, alpha, a, rsa, csa, b, c, accumulate, ep)
+    return True
+
+
+cdef void _hand_nn_split(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
+                         const floating* a, Py_ssize_t rsa, Py_ssize_t csa,
+                         const floating* b, floating* c, bint accumulate,
+                         const nnf_epilogue* ep) noexcept nogil:
+    """C = alpha * A @ B (+ C) on the hand kernels (float32), with the epilogue ep or NULL:
+    serially for small products, else threads take blocks of C's columns (16-wide
+    panels) when there are at least two panels each, so the forward product and the
+    update of a layer (C = W) give every thread the same columns of W; otherwise blocks
+    of C's rows."""
+    cdef:
+        int nthreads = _num_threads
+        int t, lo, hi, chunk
+    if floating is not float:
+        return
     if nthreads <= 1 or 2.0 * m * n * k < PAR_MIN_FLOPS:
         nnf_sgemm_nn_epilogue(m, n, k, alpha, a, rsa, csa, b, n, c, n, accumulate, ep)
     elif n >= 32 * nthreads:
@@ -588,9 +584,8 @@ cdef bint _matmul_nn_epilogue(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
             if hi > lo:
                 _epilogue_nn_part(hi - lo, n, k, alpha, a + lo * rsa, rsa, csa, b, n,
                                   c + <Py_ssize_t>lo * n, n, accumulate, ep, lo, 0, False)
-        if ep.colsum != NULL:
+        if ep != NULL and ep.colsum != NULL:
             _add_column_sums(b, <floating*>ep.colsum, k, n, <floating>ep.colsum_alpha)
-    return True
 
 
 cdef bint _matmul_nt_slope(Py_ssize_t m, int n, int k, const floating* a, const floating* b,
