@@ -455,35 +455,70 @@ cdef inline void _small_nt_ld(Py_ssize_t m, int n, int k, const floating* a, Py_
 cdef bint HAND_NT_PACKED = True
 
 
-cdef void _matmul_nt(Py_ssize_t m, int n, int k, const floating* a, const floating* b,
-                     floating* c) noexcept nogil:
+cdef bint _matmul_nt(Py_ssize_t m, int n, int k, const floating* a, const floating* b,
+                     floating* c, const floating* relu_out) noexcept nogil:
     """C[m, n] = A @ B^T across the OpenMP threads, A (m, k), B (n, k), C (m, n)
     contiguous: the gradient below a layer, dZ @ W^T (B = W, n x k). Products of 64+
     rows with at most HAND_MAX_WEIGHTS weights take the hand kernels with packed panels
     of B^T (``nnf_sgemm_nt_packed``), threads taking blocks of C's columns (W's rows);
     the rest gemm. gemm packs B^T slowly (OpenBLAS, one thread, 128 x 128 x 128: 54 us as
     A @ B^T, 47 us as A @ B). In-process A/B in training, hand path on / off, 2 threads:
-    A/128 1.024x (calm VM), A/512 1.004-1.014x."""
+    A/128 1.024x (calm VM), A/512 1.004-1.014x.
+
+    With ``relu_out`` (m, n; or NULL), on the hand kernels C is also zeroed where
+    relu_out <= 0 (ReLU's slope, as ``_scale_by_slope``) as it is stored (an epilogue,
+    see EPILOGUES), and True returned; False: C is the bare product."""
+    global EPILOGUE_PRODUCTS
     cdef:
         int nthreads = _num_threads
         int t, lo, hi, chunk
+        bint fuse
     if (floating is not float or not NNF_HAVE_SMALL_GEMM or not HAND_NT_PACKED or m < 64
             or n < HAND_MIN_COLS or <Py_ssize_t>n * k > HAND_MAX_WEIGHTS):
         _pgemm(False, True, <int>m, n, k, <floating>1, <floating*>a, k, <floating*>b, k,
                <floating>0, c, n)
-        return
+        return False
+    fuse = relu_out != NULL and EPILOGUES
+    if fuse:
+        EPILOGUE_PRODUCTS += 1
     if nthreads <= 1 or 2.0 * m * n * k < PAR_MIN_FLOPS or n < 32 * nthreads:
-        nnf_sgemm_nt_packed(m, n, k, 1, <const float*>a, k, <const float*>b, k,
-                            <float*>c, n, 0, NULL)
-        return
+        _nt_packed_part(m, n, k, <const float*>a, <const float*>b, <float*>c, n,
+                        <const float*>relu_out if fuse else NULL)
+        return fuse
     chunk = _panel_chunk(n, nthreads)
     for t in prange(nthreads, num_threads=nthreads, schedule='static'):
         lo = t * chunk
         hi = min(n, lo + chunk)
         if hi > lo:
-            nnf_sgemm_nt_packed(m, hi - lo, k, 1, <const float*>a, k,
-                                <const float*>b + <Py_ssize_t>lo * k, k,
-                                <float*>c + lo, n, 0, NULL)
+            _nt_packed_part(m, hi - lo, k, <const float*>a,
+                            <const float*>b + <Py_ssize_t>lo * k, <float*>c + lo, n,
+                            <const float*>relu_out + lo if fuse else NULL)
+    return fuse
+
+
+cdef inline void _nt_packed_part(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* a,
+                                 const float* b, float* c, Py_ssize_t ldc,
+                                 const float* relu_out) noexcept nogil:
+    """One thread's columns of ``_matmul_nt`` on the hand kernels (b, c and relu_out
+    offset to them; relu_out NULL: no epilogue)."""
+    cdef nnf_epilogue ep
+    if relu_out == NULL:
+        nnf_sgemm_nt_packed(m, n, k, 1, a, k, b, k, c, ldc, 0, NULL)
+        return
+    memset(&ep, 0, sizeof(nnf_epilogue))
+    ep.slope = relu_out
+    ep.ld_slope = ldc
+    nnf_sgemm_nt_packed(m, n, k, 1, a, k, b, k, c, ldc, 0, &ep)
+
+
+cdef inline void _backward_input(Py_ssize_t m, int n, int k, const floating* dz,
+                                 const floating* w, floating* dx, const floating* a_prev,
+                                 int act_prev) noexcept nogil:
+    """dX (m, n) = (dZ @ W^T) * act_prev'(.), read off the stored activations a_prev
+    (m, n): the gradient below a layer (W: n x k). ReLU's slope in the product's kernel
+    where it can (``_matmul_nt``), else a pass of its own."""
+    if not _matmul_nt(m, n, k, dz, w, dx, a_prev if act_prev == RELU else NULL):
+        _scale_by_slope(dx, <floating*>a_prev, m, n, act_prev)
 
 
 # The hand products' epilogues (nnf_epilogue in _smallgemm.h): a hidden layer's bias and
@@ -586,48 +621,6 @@ cdef void _hand_nn_split(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
                                   c + <Py_ssize_t>lo * n, n, accumulate, ep, lo, 0, False)
         if ep != NULL and ep.colsum != NULL:
             _add_column_sums(b, <floating*>ep.colsum, k, n, <floating>ep.colsum_alpha)
-
-
-cdef bint _matmul_nt_slope(Py_ssize_t m, int n, int k, const floating* a, const floating* b,
-                           floating* c, const floating* a_prev) noexcept nogil:
-    """``_matmul_nt`` followed by ReLU's slope (C[i, j] = 0 where a_prev[i, j] <= 0, a_prev
-    (m, n)) applied by the kernel, where the product takes the packed hand kernels;
-    returns False, having done nothing, where it would not."""
-    global EPILOGUE_PRODUCTS
-    cdef:
-        int nthreads = _num_threads
-        int t, lo, hi, chunk
-        nnf_epilogue ep
-    if floating is not float:
-        return False
-    if (not EPILOGUES or not NNF_HAVE_SMALL_GEMM or not HAND_NT_PACKED or m < 64
-            or n < HAND_MIN_COLS or <Py_ssize_t>n * k > HAND_MAX_WEIGHTS):
-        return False
-    EPILOGUE_PRODUCTS += 1
-    memset(&ep, 0, sizeof(nnf_epilogue))
-    ep.ld_slope = n
-    if nthreads <= 1 or 2.0 * m * n * k < PAR_MIN_FLOPS or n < 32 * nthreads:
-        ep.slope = a_prev
-        nnf_sgemm_nt_packed(m, n, k, 1, a, k, b, k, c, n, 0, &ep)
-        return True
-    chunk = _panel_chunk(n, nthreads)
-    for t in prange(nthreads, num_threads=nthreads, schedule='static'):
-        lo = t * chunk
-        hi = min(n, lo + chunk)
-        if hi > lo:
-            _nt_slope_part(m, hi - lo, k, a, b + <Py_ssize_t>lo * k, c + lo, n, a_prev + lo)
-    return True
-
-
-cdef inline void _nt_slope_part(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* a,
-                                const float* b, float* c, Py_ssize_t ldc,
-                                const float* slope) noexcept nogil:
-    """One thread's columns of ``_matmul_nt_slope`` (b, c and slope offset to them)."""
-    cdef nnf_epilogue ep
-    memset(&ep, 0, sizeof(nnf_epilogue))
-    ep.slope = slope
-    ep.ld_slope = ldc
-    nnf_sgemm_nt_packed(m, n, k, 1, a, k, b, k, c, ldc, 0, &ep)
 
 
 cdef inline void _small_nt(Py_ssize_t m, int n, int k, const floating* a, const floating* b,
@@ -1004,8 +997,8 @@ def dense_backward_input(const floating[:, ::1] dZ, const floating[:, ::1] W,
            dZ_prev.shape[0] == m and dZ_prev.shape[1] == k, "A_prev/dZ_prev shape")
     _check(0 <= act_prev < SOFTMAX, "activation code of a hidden layer")
     with nogil:
-        _matmul_nt(m, <int>k, <int>n, &dZ[0, 0], &W[0, 0], &dZ_prev[0, 0])
-        _scale_by_slope(&dZ_prev[0, 0], <floating*>&A_prev[0, 0], m, <int>k, act_prev)
+        _backward_input(m, <int>k, <int>n, &dZ[0, 0], &W[0, 0], &dZ_prev[0, 0], &A_prev[0, 0],
+                        act_prev)
 
 
 # ----------------------------------------------------------------------------------
@@ -1671,9 +1664,8 @@ cdef void _blas_backward(const floating* x, floating* dz, Py_ssize_t m, int k, i
     cdef:
         floating neg = <floating>(-opt.lr * scale) if fold else 0
         nnf_epilogue ep
-    if dx != NULL and not (act_prev == RELU and _matmul_nt_slope(m, k, n, dz, w, dx, a_prev)):
-        _matmul_nt(m, k, n, dz, w, dx)
-        _scale_by_slope(dx, <floating*>a_prev, m, k, act_prev)
+    if dx != NULL:
+        _backward_input(m, k, n, dz, w, dx, a_prev, act_prev)
     memset(&ep, 0, sizeof(nnf_epilogue))
     if fold:
         # plain SGD folded into the product: W += (-lr/M) X^T dZ, b += (-lr/M) sum dZ
@@ -1742,7 +1734,7 @@ def _epilogue_product(str form, const float[:, ::1] A, const float[:, ::1] B,
     """Test hook of the hand products' epilogues, across the kernel threads:
     "nn" C = A @ B + bias, act = ReLU(C) (``_matmul_nn_epilogue``); "tn" C (+)= alpha
     A^T @ B, colsum += alpha * (B's column sums) (the same); "nt" C = A @ B^T, zeroed
-    where slope <= 0 (``_matmul_nt_slope``). With ``fused`` False, the product and then
+    where slope <= 0 (``_matmul_nt``). With ``fused`` False, the product and then
     the separate passes the epilogues replace. Returns whether the kernel applied the
     epilogue (False: the separate passes ran, as they do where it would not)."""
     cdef:
@@ -1805,11 +1797,9 @@ def _epilogue_product(str form, const float[:, ::1] A, const float[:, ::1] B,
                            accumulate)
                 _add_column_sums(&B[0, 0], &colsum[0], k, <int>n, <float>alpha)
         else:
-            if fused:
-                done = _matmul_nt_slope(m, <int>n, <int>k, &A[0, 0], &B[0, 0], &C[0, 0],
-                                        &slope[0, 0])
+            done = _matmul_nt(m, <int>n, <int>k, &A[0, 0], &B[0, 0], &C[0, 0],
+                              &slope[0, 0] if fused else NULL)
             if not done:
-                _matmul_nt(m, <int>n, <int>k, &A[0, 0], &B[0, 0], &C[0, 0])
                 _scale_by_slope(&C[0, 0], <float*>&slope[0, 0], m, <int>n, RELU)
     return done
 
