@@ -1749,6 +1749,7 @@ def _epilogue_product(str form, const float[:, ::1] A, const float[:, ::1] B,
         _check(bias is not None and bias.shape[0] == n, "nn needs bias (n,)")
         _check(act is not None and act.shape[0] == m and act.shape[1] == n,
                "nn needs act (m, n)")
+        _check(alpha == 1.0 and not accumulate, "nn takes alpha 1, no accumulate")
         ep.bias = &bias[0]
         ep.act = &act[0, 0]
         ep.ld_act = n

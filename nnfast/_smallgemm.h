@@ -214,7 +214,10 @@ static inline void nnf_transpose8x8_ps(const float *src, long lds, float *dst) {
 }
 
 /* colsum[0..nr) += alpha * B[p, 0..nr) for the kc rows of a panel of B in turn (rows ldb
- * apart), as _add_column_sums adds them (nnf_epilogue's colsum). */
+ * apart), as _add_column_sums adds them (nnf_epilogue's colsum). One FMA a term: the
+ * same as that pass only where the compiler contracts its axpy (y += alpha * x) into an
+ * FMA, as GCC does on this build; tests/test_epilogues.py checks the two agree bit for
+ * bit. */
 static inline void nnf_column_sums16(float *colsum, float alpha, const float *b, long ldb,
                                      long kc, long nr) {
     const __m256 va = _mm256_set1_ps(alpha);

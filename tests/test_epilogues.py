@@ -157,6 +157,9 @@ def test_epilogue_hook_checks_its_arguments():
         _kernels._epilogue_product("nn", A, B, C, bias=np.zeros(16, np.float32), act=C)
     with pytest.raises(ValueError, match="shapes"):
         _kernels._epilogue_product("tn", A, B, C, colsum=np.zeros(16, np.float32))
+    with pytest.raises(ValueError, match="alpha 1"):
+        _kernels._epilogue_product("nn", A, B, C, bias=np.zeros(16, np.float32),
+                                   act=np.zeros((8, 16), np.float32), alpha=0.5)
 
 
 LAST = {"cross_entropy": "softmax", "mse": "identity"}
