@@ -11,6 +11,9 @@ Environment variables (all optional):
   with a compiler that takes ``-mavx2 -mfma``, the kernels are compiled twice:
   ``nnfast._kernels`` for any CPU and ``nnfast._kernels_avx2``, which
   ``nnfast._compiled`` picks at import when the CPU runs AVX2 and FMA.
+* ``NNFAST_AVX512=0``  skip the third build, ``nnfast._kernels_avx512`` (``-mavx512f
+  -mavx512dq -mavx512bw -mavx512vl`` as well), picked over the AVX2 one on CPUs that
+  run those (its hand matrix products use 512-bit tiles).
 """
 import os
 import platform
@@ -111,10 +114,22 @@ def _kernels_extension(name, extra_args=()):
     )
 
 
+AVX512_FLAGS = ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"]
+
+
+def _avx512_works():
+    """A compiler that builds the AVX-512 kernels (x86-64-v4's subsets)."""
+    src = ("#include <immintrin.h>\nint main(void){__m512 a=_mm512_set1_ps(1.f);"
+           "a=_mm512_fmadd_ps(a,a,a);return (int)_mm512_reduce_add_ps(a)-48;}\n")
+    return _compiles(src, AVX512_FLAGS)
+
+
 extensions = [_kernels_extension("_kernels")]
 if _env_flag("NNFAST_AVX2", True) and not native:
     if _avx2_works():
         extensions.append(_kernels_extension("_kernels_avx2", ["-mavx2", "-mfma"]))
+        if _env_flag("NNFAST_AVX512", True) and _avx512_works():
+            extensions.append(_kernels_extension("_kernels_avx512", AVX512_FLAGS))
     else:
         print("nnfast: not building the AVX2 kernels (not x86-64, or the compiler "
               "refused -mavx2 -mfma)", file=sys.stderr)

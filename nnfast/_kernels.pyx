@@ -38,6 +38,7 @@ cdef extern from "_omp_shim.h":
     int nnf_openmp_enabled() noexcept nogil
     int nnf_omp_max_threads() noexcept nogil
     int nnf_cpu_has_avx2_fma() noexcept nogil
+    int nnf_cpu_has_avx512() noexcept nogil
     const char* nnf_compiled_isa() noexcept nogil
     int nnf_thread_num() noexcept nogil
     int nnf_team_size() noexcept nogil
@@ -46,6 +47,7 @@ cdef extern from "_omp_shim.h":
 cdef extern from "_smallgemm.h":
     enum:
         NNF_HAVE_SMALL_GEMM
+        NNF_PANEL_WIDTH
     ctypedef struct nnf_epilogue:
         const float* bias
         float* act
@@ -146,8 +148,14 @@ def cpu_has_avx2_fma():
     return bool(nnf_cpu_has_avx2_fma())
 
 
+def cpu_has_avx512():
+    """Whether this CPU and OS run the AVX-512 build (AVX-512 F, DQ, BW and VL)."""
+    return bool(nnf_cpu_has_avx512())
+
+
 def compiled_isa():
-    """``"avx2"`` when this build was compiled for AVX2+FMA, else ``"generic"``."""
+    """``"avx512"`` or ``"avx2"`` for the builds compiled for those (the AVX-512 one also
+    takes AVX2+FMA), else ``"generic"``."""
     return nnf_compiled_isa().decode("ascii")
 
 
@@ -306,9 +314,11 @@ cdef void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
 
 
 cdef inline int _panel_chunk(int n, int nthreads) noexcept nogil:
-    """Columns per thread when n columns are split across threads: whole 16-wide SIMD
-    panels (the last thread takes what is left)."""
-    return (((n + nthreads - 1) // nthreads + 15) // 16) * 16
+    """Columns per thread when n columns are split across threads: whole SIMD panels
+    of the hand kernels (16 wide, 32 in the AVX-512 build; the last thread takes what is
+    left)."""
+    return (((n + nthreads - 1) // nthreads + NNF_PANEL_WIDTH - 1)
+            // NNF_PANEL_WIDTH) * NNF_PANEL_WIDTH
 
 
 cdef void _pgemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,

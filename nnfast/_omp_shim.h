@@ -30,13 +30,24 @@ static int nnf_cpu_has_avx2_fma(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
+/* the AVX-512 subsets the _kernels_avx512 build is compiled for (x86-64-v4); GCC's
+ * runtime answers no where the OS does not save the 512-bit registers (XCR0) */
+static int nnf_cpu_has_avx512(void) {
+    __builtin_cpu_init();
+    return nnf_cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f")
+        && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl");
+}
 #else
 static int nnf_cpu_has_avx2_fma(void) { return 0; }
+static int nnf_cpu_has_avx512(void) { return 0; }
 #endif
 
 /* the instruction set this translation unit was compiled for */
 static const char *nnf_compiled_isa(void) {
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
     return "avx2";
 #else
     return "generic";

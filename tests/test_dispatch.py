@@ -27,8 +27,8 @@ NP = get_backend("numpy")
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(nf.__file__)))
 
 
-def _avx2_built():
-    return importlib.util.find_spec("nnfast._kernels_avx2") is not None
+def _built(name):
+    return importlib.util.find_spec(f"nnfast._kernels_{name}") is not None
 
 
 def _run(code, *args, **env_extra):
@@ -43,7 +43,12 @@ def _run(code, *args, **env_extra):
 def test_the_chosen_build_is_the_best_this_cpu_runs():
     generic = _compiled.module_for("generic")
     assert generic.compiled_isa() == "generic"
-    expected = "avx2" if (generic.cpu_has_avx2_fma() and _avx2_built()) else "generic"
+    if generic.cpu_has_avx512() and _built("avx512"):
+        expected = "avx512"
+    elif generic.cpu_has_avx2_fma() and _built("avx2"):
+        expected = "avx2"
+    else:
+        expected = "generic"
     if os.environ.get("NNFAST_KERNELS", "auto") in ("", "auto"):
         assert _compiled.variant == expected
     assert _compiled.kernels.compiled_isa() == _compiled.variant
@@ -60,7 +65,58 @@ def test_the_cython_backend_uses_the_chosen_build():
     assert cython_backend._kernels is _compiled.kernels
 
 
-@pytest.mark.parametrize("name", ["generic", "avx2"])
+@pytest.mark.skipif("avx512" not in VARIANTS, reason="no AVX-512 build or CPU")
+def test_the_avx512_build_is_compiled_for_avx512():
+    assert _compiled.module_for("avx512").compiled_isa() == "avx512"
+
+
+@pytest.mark.skipif(not {"avx2", "avx512"} <= set(VARIANTS),
+                    reason="needs the AVX2 and the AVX-512 build and a CPU that runs both")
+@pytest.mark.parametrize("form", ["nn", "tn", "nt"])
+@pytest.mark.parametrize("m,n,k", [(1, 16, 5), (3, 17, 33), (13, 31, 300), (64, 32, 128),
+                                   (65, 48, 129), (128, 256, 784), (128, 10, 128),
+                                   (77, 40, 520), (100, 33, 7), (200, 64, 1)])
+def test_the_avx512_and_avx2_hand_products_agree_bit_for_bit(form, m, n, k):
+    # each element of C sums the same terms in the same order in both builds' tiles
+    rng = np.random.default_rng(m * 1000 + n)
+    a = rng.standard_normal((k, m) if form == "tn" else (m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if form == "nt" else (k, n)).astype(np.float32)
+    c0 = rng.standard_normal((m, n)).astype(np.float32)
+    alpha, acc = (1.0, False) if form == "nt" else (0.5, True)
+    out = {}
+    for name in ("avx2", "avx512"):
+        for threaded in (False, True):
+            c = c0.copy()
+            _compiled.module_for(name)._small_matmul(form, a, b, c, alpha=alpha,
+                                                     accumulate=acc, threaded=threaded)
+            out[name, threaded] = c
+    ref = alpha * ((a.T if form == "tn" else a).astype(np.float64)
+                   @ (b.T if form == "nt" else b).astype(np.float64)) + (c0 if acc else 0)
+    np.testing.assert_allclose(out["avx512", False], ref, rtol=1e-4, atol=1e-3)
+    for key, c in out.items():
+        np.testing.assert_array_equal(c, out["avx512", False], err_msg=str(key))
+    # and the layer products with their epilogues (nt: the packed panels of W^T)
+    fused = {}
+    for name in ("avx2", "avx512"):
+        kern = _compiled.module_for(name)
+        if form == "nn":
+            c, act = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
+            kern._epilogue_product("nn", a, b, c, bias=c0[0].copy(), act=act)
+            fused[name] = (c, act)
+        elif form == "tn":
+            c, colsum = c0.copy(), c0[-1].copy()
+            kern._epilogue_product("tn", a, b, c, colsum=colsum, alpha=alpha,
+                                   accumulate=True)
+            fused[name] = (c, colsum)
+        else:
+            c = np.empty((m, n), np.float32)
+            kern._epilogue_product("nt", a, b, c, slope=c0)
+            fused[name] = (c,)
+    for x, y in zip(fused["avx2"], fused["avx512"]):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("name", ["generic", "avx2", "avx512"])
 def test_nnfast_kernels_selects_a_build(name):
     if name not in VARIANTS:
         pytest.skip(f"{name} build cannot run here")
