@@ -213,10 +213,6 @@ static inline void nnf_transpose8x8_ld(const float *src, long lds, float *dst, l
     _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
 
-static inline void nnf_transpose8x8_ps(const float *src, long lds, float *dst) {
-    nnf_transpose8x8_ld(src, lds, dst, 16);
-}
-
 /* colsum[0..nr) += alpha * B[p, 0..nr) for the kc rows of a panel of B in turn (rows ldb
  * apart), as _add_column_sums adds them (nnf_epilogue's colsum). One FMA a term: the
  * same as that pass only where the compiler contracts its axpy (y += alpha * x) into an
@@ -242,61 +238,6 @@ static inline void nnf_column_sums16(float *colsum, float alpha, const float *b,
  * 128x256x784 244 -> 240.5 us, 128x128x256 39.7 -> 39.35 us. */
 static inline long nnf_tile_rows(long left) {
     return left >= 7 && left <= 9 ? 4 : left < 6 ? left : 6;
-}
-
-/* The loop of both products below: blocks of NNF_NN_KC of the inner dimension, 16-wide
- * panels of C's columns, 6-row tiles. B is k x n (ldb apart) or, with b_transposed, n x k
- * (B^T's panels are then always packed, transposed in 8 x 8 blocks). */
-__attribute__((unused)) static void nnf_sgemm_panels16(long m, long n, long k, float alpha, const float *a, long rsa,
-                             long csa, const float *b, long ldb, int b_transposed, float *c,
-                             long ldc, int accumulate, const nnf_epilogue *ep) {
-    float panel[NNF_NN_KC * 16] __attribute__((aligned(64)));
-    nnf_epilogue te;  /* ep offset to the tile at hand */
-    if (ep) te = *ep;
-    for (long p0 = 0; p0 < k || p0 == 0; p0 += NNF_NN_KC) {
-        long kc = k - p0 < NNF_NN_KC ? k - p0 : NNF_NN_KC;
-        int acc = accumulate || p0 > 0;
-        const float *ap = a + p0 * csa;
-        for (long j = 0; j < n; j += 16) {
-            long nr = n - j < 16 ? n - j : 16;
-            const float *bj = b_transposed ? b + j * ldb + p0 : b + p0 * ldb + j;
-            long ldbj = ldb;
-            if (b_transposed) {
-                long p = 0;
-                if (nr == 16)
-                    for (; p + 8 <= kc; p += 8) {
-                        nnf_transpose8x8_ps(bj + p, ldb, panel + p * 16);
-                        nnf_transpose8x8_ps(bj + 8 * ldb + p, ldb, panel + p * 16 + 8);
-                    }
-                for (; p < kc; p++)
-                    for (long q = 0; q < 16; q++)
-                        panel[p * 16 + q] = q < nr ? bj[q * ldb + p] : 0.0f;
-                bj = panel;
-                ldbj = 16;
-            } else if (nnf_pack_b && nr == 16 && m >= 64 && kc >= 128) {
-                for (long p = 0; p < kc; p++) {
-                    _mm256_store_ps(panel + p * 16, _mm256_loadu_ps(bj + p * ldb));
-                    _mm256_store_ps(panel + p * 16 + 8, _mm256_loadu_ps(bj + p * ldb + 8));
-                }
-                bj = panel;
-                ldbj = 16;
-            }
-            if (ep && ep->colsum && !b_transposed)
-                nnf_column_sums16(ep->colsum + j, ep->colsum_alpha, bj, ldbj, kc, nr);
-            int last = ep && p0 + kc >= k;
-            if (last) te.bias = ep->bias ? ep->bias + j : NULL;
-            for (long i = 0, mr; i < m; i += mr) {
-                mr = nnf_tile_rows(m - i);
-                if (last) {
-                    te.act = ep->act ? ep->act + i * ep->ld_act + j : NULL;
-                    te.slope = ep->slope ? ep->slope + i * ep->ld_slope + j : NULL;
-                }
-                nnf_snn_tile(mr, nr, kc, alpha, ap + i * rsa, rsa, csa, bj, ldbj,
-                             c + i * ldc + j, ldc, acc,
-                             last && (te.bias || te.act || te.slope) ? &te : NULL);
-            }
-        }
-    }
 }
 
 #if defined(__AVX512F__)
@@ -424,66 +365,84 @@ static inline void nnf_column_sums32(float *colsum, float alpha, const float *b,
     _mm512_mask_storeu_ps(colsum + 16, m1, s1);
 }
 
-/* nnf_sgemm_panels16 with 32-wide panels and the 512-bit tiles. */
-static void nnf_sgemm_panels32(long m, long n, long k, float alpha, const float *a, long rsa,
-                               long csa, const float *b, long ldb, int b_transposed, float *c,
-                               long ldc, int accumulate, const nnf_epilogue *ep) {
-    float panel[NNF_NN_KC * 32] __attribute__((aligned(64)));
+/* The tiles of this build, for the loop below */
+#define nnf_panel_tile nnf_z_tile
+#define nnf_panel_tile_rows nnf_z_tile_rows
+#define nnf_panel_column_sums nnf_column_sums32
+#else
+#define NNF_PANEL_WIDTH 16
+#define nnf_panel_tile nnf_snn_tile
+#define nnf_panel_tile_rows nnf_tile_rows
+#define nnf_panel_column_sums nnf_column_sums16
+#endif
+
+/* panel[p * W + q] = B[j + q, p0 + p] (bj at B's row j, column p0; W = NNF_PANEL_WIDTH)
+ * for the nr rows of B a panel of B^T takes, zero past nr: 8 x 8 blocks transposed,
+ * the rest one value at a time. */
+static inline void nnf_pack_transposed(float *panel, const float *bj, long ldb, long kc,
+                                       long nr) {
+    const long W = NNF_PANEL_WIDTH;
+    long q8 = nr / 8 * 8, p8 = kc / 8 * 8;
+    for (long q = 0; q < q8; q += 8)
+        for (long p = 0; p < p8; p += 8)
+            nnf_transpose8x8_ld(bj + q * ldb + p, ldb, panel + p * W + q, W);
+    for (long p = 0; p < kc; p++)
+        for (long q = p < p8 ? q8 : 0; q < W; q++)
+            panel[p * W + q] = q < nr ? bj[q * ldb + p] : 0.0f;
+}
+
+/* The loop of both products below: blocks of NNF_NN_KC of the inner dimension, panels
+ * of C's columns NNF_PANEL_WIDTH wide, row tiles (6 x 16 AVX2, 12 x 32 AVX-512). B is
+ * k x n (ldb apart) or, with b_transposed, n x k (B^T's panels are then always packed,
+ * transposed in 8 x 8 blocks). */
+static void nnf_sgemm_panels(long m, long n, long k, float alpha, const float *a, long rsa,
+                             long csa, const float *b, long ldb, int b_transposed, float *c,
+                             long ldc, int accumulate, const nnf_epilogue *ep) {
+    const long W = NNF_PANEL_WIDTH;
+    float panel[NNF_NN_KC * NNF_PANEL_WIDTH] __attribute__((aligned(64)));
     nnf_epilogue te;  /* ep offset to the tile at hand */
     if (ep) te = *ep;
     for (long p0 = 0; p0 < k || p0 == 0; p0 += NNF_NN_KC) {
         long kc = k - p0 < NNF_NN_KC ? k - p0 : NNF_NN_KC;
         int acc = accumulate || p0 > 0;
         const float *ap = a + p0 * csa;
-        for (long j = 0; j < n; j += 32) {
-            long nr = n - j < 32 ? n - j : 32;
+        for (long j = 0; j < n; j += W) {
+            long nr = n - j < W ? n - j : W;
             const float *bj = b_transposed ? b + j * ldb + p0 : b + p0 * ldb + j;
             long ldbj = ldb;
-            if (b_transposed) {  /* panel[p * 32 + q] = B[j + q, p0 + p], zero past nr */
-                long q8 = nr / 8 * 8, p8 = kc / 8 * 8;
-                for (long q = 0; q < q8; q += 8)
-                    for (long p = 0; p < p8; p += 8)
-                        nnf_transpose8x8_ld(bj + q * ldb + p, ldb, panel + p * 32 + q, 32);
+            if (b_transposed) {
+                nnf_pack_transposed(panel, bj, ldb, kc, nr);
+                bj = panel;
+                ldbj = W;
+            } else if (nnf_pack_b && nr == W && m >= 64 && kc >= 128) {
                 for (long p = 0; p < kc; p++)
-                    for (long q = p < p8 ? q8 : 0; q < 32; q++)
-                        panel[p * 32 + q] = q < nr ? bj[q * ldb + p] : 0.0f;
+                    for (long q = 0; q < W; q += 8)
+                        _mm256_store_ps(panel + p * W + q, _mm256_loadu_ps(bj + p * ldb + q));
                 bj = panel;
-                ldbj = 32;
-            } else if (nnf_pack_b && nr == 32 && m >= 64 && kc >= 128) {
-                for (long p = 0; p < kc; p++) {
-                    _mm512_store_ps(panel + p * 32, _mm512_loadu_ps(bj + p * ldb));
-                    _mm512_store_ps(panel + p * 32 + 16, _mm512_loadu_ps(bj + p * ldb + 16));
-                }
-                bj = panel;
-                ldbj = 32;
+                ldbj = W;
             }
             if (ep && ep->colsum && !b_transposed)
-                nnf_column_sums32(ep->colsum + j, ep->colsum_alpha, bj, ldbj, kc, nr);
+                nnf_panel_column_sums(ep->colsum + j, ep->colsum_alpha, bj, ldbj, kc, nr);
             int last = ep && p0 + kc >= k;
             if (last) te.bias = ep->bias ? ep->bias + j : NULL;
             for (long i = 0, mr; i < m; i += mr) {
-                mr = nnf_z_tile_rows(m - i);
+                mr = nnf_panel_tile_rows(m - i);
                 if (last) {
                     te.act = ep->act ? ep->act + i * ep->ld_act + j : NULL;
                     te.slope = ep->slope ? ep->slope + i * ep->ld_slope + j : NULL;
                 }
-                nnf_z_tile(mr, nr, kc, alpha, ap + i * rsa, rsa, csa, bj, ldbj,
-                           c + i * ldc + j, ldc, acc,
-                           last && (te.bias || te.act || te.slope) ? &te : NULL);
+                nnf_panel_tile(mr, nr, kc, alpha, ap + i * rsa, rsa, csa, bj, ldbj,
+                               c + i * ldc + j, ldc, acc,
+                               last && (te.bias || te.act || te.slope) ? &te : NULL);
             }
         }
     }
 }
-#define NNF_PANELS nnf_sgemm_panels32
-#else
-#define NNF_PANEL_WIDTH 16
-#define NNF_PANELS nnf_sgemm_panels16
-#endif
 
 static void nnf_sgemm_nn(long m, long n, long k, float alpha, const float *a, long rsa,
                          long csa, const float *b, long ldb, float *c, long ldc,
                          int accumulate) {
-    NNF_PANELS(m, n, k, alpha, a, rsa, csa, b, ldb, 0, c, ldc, accumulate, NULL);
+    nnf_sgemm_panels(m, n, k, alpha, a, rsa, csa, b, ldb, 0, c, ldc, accumulate, NULL);
 }
 
 /* nnf_sgemm_nn with the epilogue ep (NULL: none; its pointers index the columns and
@@ -491,7 +450,7 @@ static void nnf_sgemm_nn(long m, long n, long k, float alpha, const float *a, lo
 static void nnf_sgemm_nn_epilogue(long m, long n, long k, float alpha, const float *a,
                                   long rsa, long csa, const float *b, long ldb, float *c,
                                   long ldc, int accumulate, const nnf_epilogue *ep) {
-    NNF_PANELS(m, n, k, alpha, a, rsa, csa, b, ldb, 0, c, ldc, accumulate, ep);
+    nnf_sgemm_panels(m, n, k, alpha, a, rsa, csa, b, ldb, 0, c, ldc, accumulate, ep);
 }
 
 /* C[m, n] = alpha * A @ B^T (+ C when accumulate), A (m, k) and B (n, k) row-major, as
@@ -503,7 +462,7 @@ static void nnf_sgemm_nn_epilogue(long m, long n, long k, float alpha, const flo
 static void nnf_sgemm_nt_packed(long m, long n, long k, float alpha, const float *a,
                                 long lda, const float *b, long ldb, float *c, long ldc,
                                 int accumulate, const nnf_epilogue *ep) {
-    NNF_PANELS(m, n, k, alpha, a, lda, 1, b, ldb, 1, c, ldc, accumulate, ep);
+    nnf_sgemm_panels(m, n, k, alpha, a, lda, 1, b, ldb, 1, c, ldc, accumulate, ep);
 }
 
 /* four sums of eight lanes each, as one 128-bit vector */
