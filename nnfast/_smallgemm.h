@@ -267,8 +267,8 @@ static inline void nnf_epilogue_store16(const nnf_epilogue *e, long i, long q, f
                               _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), v));
 }
 
-/* Loads of a tile's vector: plain where the tile is FULL (masked loads cost Intel cores
- * an extra uop on the FMA ports), else under the mask. */
+/* Loads of a tile's vector: plain where the tile is FULL (as in the AVX2 tiles: no mask
+ * in the inner loop of a full tile), else under the mask. */
 #define NNF_Z_LOAD(FULL, mask, p) ((FULL) ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask, p))
 #define NNF_Z_STORE(FULL, mask, p, v) \
     do { if (FULL) _mm512_storeu_ps(p, v); else _mm512_mask_storeu_ps(p, mask, v); } while (0)
