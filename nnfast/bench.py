@@ -177,15 +177,29 @@ def import_times(runs: int = 5) -> dict:
     """Milliseconds to ``import nnfast`` in a fresh interpreter, and how much of that is
     NumPy: each run is ``python -X importtime -c "import nnfast"`` (the interpreter's own
     per-module cumulative times), median of ``runs``. Run from the directory above the
-    imported package so that this same nnfast is measured."""
+    imported package so that this same nnfast is measured.
+
+    One unmeasured run goes first, with PYTHONDONTWRITEBYTECODE cleared, so that nnfast's
+    modules load from their bytecode cache as NumPy's do and as they do after any
+    ``pip install``: with the variable set (some sandboxes set it) an editable checkout
+    compiles nnfast's sources in every run, about 50 ms on a slow VM, which no user sees.
+    ``bytecode_cached`` says whether the cache could be written (False: a read-only
+    checkout, and the figure includes compiling)."""
+    import importlib.util
     import re
     import subprocess
     parent = os.path.dirname(os.path.dirname(os.path.abspath(nf.__file__)))
     env = dict(os.environ, PYTHONPATH=parent)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    command = [sys.executable, "-X", "importtime", "-c", "import nnfast"]
+    subprocess.run(command, capture_output=True, env=env, cwd=parent, timeout=60)
+    sources = [os.path.join(os.path.dirname(os.path.abspath(nf.__file__)), name)
+               for name in ("__init__.py", "training.py", "model.py")]
+    cached = all(os.path.exists(importlib.util.cache_from_source(s)) for s in sources)
     totals, numpys = [], []
     for _ in range(runs):
-        res = subprocess.run([sys.executable, "-X", "importtime", "-c", "import nnfast"],
-                             capture_output=True, text=True, env=env, cwd=parent, timeout=60)
+        res = subprocess.run(command, capture_output=True, text=True, env=env, cwd=parent,
+                             timeout=60)
         cumulative = {}
         for line in res.stderr.splitlines():
             m = re.match(r"import time:\s+\d+ \|\s+(\d+) \|\s*(\S+)$", line)
@@ -196,7 +210,8 @@ def import_times(runs: int = 5) -> dict:
         totals.append(cumulative["nnfast"] / 1000)
         numpys.append(cumulative.get("numpy", 0) / 1000)
     return {"import_nnfast_ms": statistics.median(totals),
-            "of_which_numpy_ms": statistics.median(numpys), "runs": runs}
+            "of_which_numpy_ms": statistics.median(numpys), "runs": runs,
+            "bytecode_cached": cached}
 
 
 def machine_info(torch_mod=None, torch_error=None) -> dict:
@@ -905,7 +920,9 @@ def main(argv=None) -> int:
         imports = import_times(runs=2 if args.quick else 5)
         print(f"import nnfast: {imports['import_nnfast_ms']:.0f} ms (of which NumPy "
               f"{imports['of_which_numpy_ms']:.0f} ms), fresh interpreter, median of "
-              f"{imports['runs']}", flush=True)
+              f"{imports['runs']}"
+              + ("" if imports["bytecode_cached"] else ", nnfast compiled from source: "
+                 "no bytecode cache could be written"), flush=True)
         log(f"running {len(cases)} case(s) x {len(contenders)} contender(s) x {rounds} "
             f"round(s) ...")
         results = run_benchmarks(cases, contenders, dtype, timing, args.predict,

@@ -42,6 +42,7 @@ def test_quick_run_writes_json(tmp_path, capsys):
     assert "import nnfast:" in printed
     imp = report["import_time"]
     assert 0 < imp["of_which_numpy_ms"] < imp["import_nnfast_ms"] and imp["runs"] == 2
+    assert isinstance(imp["bytecode_cached"], bool)
     assert report["config"]["rounds"] == 1
     names = report["config"]["contenders"]
     assert {"nnfast", "numpy-1t", "numpy-2t"} <= set(names)
