@@ -330,13 +330,17 @@ NNF_Z_TILES(11) NNF_Z_TILES(12)
         NNF_Z_CASE(KIND, 12)                                                           \
     }
 
+/* The first n of a vector's 16 lanes (none for n <= 0, all for n >= 16): with n - 16,
+ * the second vector's lanes of a 32-wide panel's first n columns. */
+static inline __mmask16 nnf_z_lanes(long n) {
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
 /* One tile of C: mr (1-12) rows by the 32 (or the last nr <= 32) columns at b, c. */
 static inline void nnf_z_tile(long mr, long nr, long k, float alpha, const float *a,
                               long rsa, long csa, const float *b, long ldb, float *c,
                               long ldc, int accumulate, const nnf_epilogue *ep) {
-    __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
-    __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF
-                 : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : (__mmask16)0;
+    __mmask16 m0 = nnf_z_lanes(nr), m1 = nnf_z_lanes(nr - 16);
     if (nr == 32) NNF_Z_SWITCH(tile32)
     else if (nr > 16) NNF_Z_SWITCH(tile32m)
     else if (nr == 16) NNF_Z_SWITCH(tile16)
@@ -353,9 +357,7 @@ static inline long nnf_z_tile_rows(long left) {
 static inline void nnf_column_sums32(float *colsum, float alpha, const float *b, long ldb,
                                      long kc, long nr) {
     const __m512 va = _mm512_set1_ps(alpha);
-    __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
-    __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF
-                 : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : (__mmask16)0;
+    __mmask16 m0 = nnf_z_lanes(nr), m1 = nnf_z_lanes(nr - 16);
     __m512 s0 = _mm512_maskz_loadu_ps(m0, colsum), s1 = _mm512_maskz_loadu_ps(m1, colsum + 16);
     for (long p = 0; p < kc; p++) {
         s0 = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m0, b + p * ldb), s0);
