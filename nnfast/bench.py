@@ -188,14 +188,14 @@ def import_times(runs: int = 5) -> dict:
     import importlib.util
     import re
     import subprocess
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(nf.__file__)))
+    package = os.path.dirname(os.path.abspath(nf.__file__))
+    parent = os.path.dirname(package)
     env = dict(os.environ, PYTHONPATH=parent)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     command = [sys.executable, "-X", "importtime", "-c", "import nnfast"]
     subprocess.run(command, capture_output=True, env=env, cwd=parent, timeout=60)
-    sources = [os.path.join(os.path.dirname(os.path.abspath(nf.__file__)), name)
-               for name in ("__init__.py", "training.py", "model.py")]
-    cached = all(os.path.exists(importlib.util.cache_from_source(s)) for s in sources)
+    cached = all(os.path.exists(importlib.util.cache_from_source(os.path.join(package, name)))
+                 for name in ("__init__.py", "training.py", "model.py"))
     totals, numpys = [], []
     for _ in range(runs):
         res = subprocess.run(command, capture_output=True, text=True, env=env, cwd=parent,

@@ -204,7 +204,8 @@ def test_softmax_cross_entropy_and_backward_of_each_build(variant, dtype):
 _FIT = """
 import json, sys, numpy as np, nnfast as nf
 from nnfast import _compiled
-dtype, batch, loss, hidden = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[5])
+dtype, batch, loss, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+hidden, momentum = int(sys.argv[5]), float(sys.argv[6])
 rng = np.random.default_rng(0)
 X = rng.random((96, 20)).astype(dtype)
 y = rng.integers(0, 7, 96)
@@ -212,46 +213,46 @@ out_act = "softmax" if loss == "cross_entropy" else None
 Y = y if loss == "cross_entropy" else np.eye(7, dtype=dtype)[y]
 m = nf.Sequential(nf.Dense(20, hidden, activation="relu"),
                   nf.Dense(hidden, 17, activation="tanh"),
-                  nf.Dense(17, 7, activation=out_act), dtype=dtype, seed=3, backend=sys.argv[4])
+                  nf.Dense(17, 7, activation=out_act), dtype=dtype, seed=3, backend=backend)
 nf.set_num_threads(2)
-h = m.fit(X, Y, loss=loss, optimizer=nf.SGD(lr=0.05, momentum=0.5), epochs=2,
+h = m.fit(X, Y, loss=loss, optimizer=nf.SGD(lr=0.05, momentum=momentum), epochs=2,
           batch_size=batch, seed=1)
 print(json.dumps({"variant": _compiled.variant, "loss": h.history["loss"],
                   "params": [p.tolist() for l in m.layers for p in (l.W, l.b)]}))
 """
 
 
-def _fit_in_subprocess(variant, dtype, batch, loss, backend="cython", hidden=33):
-    res = _run(_FIT, dtype, str(batch), loss, backend, str(hidden), NNFAST_KERNELS=variant)
+def _fit_in_subprocess(variant, dtype, batch, loss, backend="cython", hidden=33,
+                       momentum=0.5):
+    res = _run(_FIT, dtype, str(batch), loss, backend, str(hidden), str(momentum),
+               NNFAST_KERNELS=variant)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _assert_every_build_trains_like_the_numpy_backend(dtype, batch, loss, **net):
+    ref = _fit_in_subprocess("generic", dtype, batch, loss, backend="numpy", **net)
+    tol = 2e-4 if dtype == "float32" else 1e-10
+    for variant in VARIANTS:
+        got = _fit_in_subprocess(variant, dtype, batch, loss, **net)
+        assert got["variant"] == variant
+        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=tol)
+        for p, r in zip(got["params"], ref["params"]):
+            np.testing.assert_allclose(np.array(p), np.array(r), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("batch", [1, 3, 40])   # hand loops, hand loops, BLAS/row split
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 def test_every_build_trains_like_the_numpy_backend(dtype, batch, loss):
-    ref = _fit_in_subprocess("generic", dtype, batch, loss, backend="numpy")
-    tol = 2e-4 if dtype == "float32" else 1e-10
-    for variant in VARIANTS:
-        got = _fit_in_subprocess(variant, dtype, batch, loss)
-        assert got["variant"] == variant
-        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=tol)
-        for p, r in zip(got["params"], ref["params"]):
-            np.testing.assert_allclose(np.array(p), np.array(r), rtol=tol, atol=tol)
+    _assert_every_build_trains_like_the_numpy_backend(dtype, batch, loss)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_every_build_trains_a_wide_layer_like_the_numpy_backend(dtype, batch):
+@pytest.mark.parametrize("momentum", [0.0, 0.5])  # plain SGD: the fused update + forward
+def test_every_build_trains_a_wide_layer_like_the_numpy_backend(dtype, batch, momentum):
     # 150 outputs: the small-batch loops' four-vector trips, one-vector trips and scalar
     # tail at every build's vector width (8 and 16 floats, 4 and 8 doubles)
-    ref = _fit_in_subprocess("generic", dtype, batch, "cross_entropy", backend="numpy",
-                             hidden=150)
-    tol = 2e-4 if dtype == "float32" else 1e-10
-    for variant in VARIANTS:
-        got = _fit_in_subprocess(variant, dtype, batch, "cross_entropy", hidden=150)
-        assert got["variant"] == variant
-        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=tol)
-        for p, r in zip(got["params"], ref["params"]):
-            np.testing.assert_allclose(np.array(p), np.array(r), rtol=tol, atol=tol)
+    _assert_every_build_trains_like_the_numpy_backend(dtype, batch, "cross_entropy",
+                                                      hidden=150, momentum=momentum)
