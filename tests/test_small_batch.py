@@ -104,11 +104,12 @@ def test_raising_the_limits_after_a_plan_exists_is_safe(threads):
 
 
 # The hand loops' dot and axpy run four vectors per trip, then single vectors, then
-# scalars (_simd.h): every width from 1 to 41 hits a different mix of those three parts
-# (8 floats or 4 doubles per AVX2 vector, 4 or 2 per SSE2 vector).
+# scalars (_simd.h): each width below hits a different mix of those three parts (8 floats
+# or 4 doubles per AVX2 vector, 16 or 8 per AVX-512 vector in the element-wise loops, 4
+# or 2 per SSE2 vector).
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 24, 31, 32, 33,
-                                   36, 40, 41])
+                                   36, 40, 41, 47, 48, 63, 64, 65, 79, 80, 81])
 def test_hand_loops_at_every_vector_tail(width, dtype):
     rng = np.random.default_rng(width)
     X = rng.standard_normal((23, width)).astype(dtype)
