@@ -62,6 +62,7 @@ cdef extern from "_smallgemm.h":
     void nnf_sgemm_nn(long m, long n, long k, float alpha, const float* a, long rsa, long csa,
                       const float* b, long ldb, float* c, long ldc, int accumulate) noexcept nogil
     int nnf_pack_b
+    int nnf_pack_a
     void nnf_sgemm_nt_packed(long m, long n, long k, float alpha, const float* a, long lda,
                              const float* b, long ldb, float* c, long ldc,
                              int accumulate, const nnf_epilogue* ep) noexcept nogil
@@ -387,7 +388,8 @@ cdef Py_ssize_t HAND_MIN_COLS = 16
 # 1.013x (the row split's per-thread blocks); 1 thread, all A products on the hand
 # kernels: A/128 1.034x, A/512 1.025x. C's layers (4.2M and 16.8M weights) keep gemm:
 # there the hand kernels re-read A from L3 for every 16-column panel (C/256, 2 threads:
-# every dW on them 0.894x, every forward product 0.999x).
+# every dW on them 0.894x, every forward product 0.999x; with A^T packed, nnf_pack_a, C's
+# dW products alone on them still 0.76-0.82x gemm).
 cdef Py_ssize_t HAND_MAX_WEIGHTS = 262144
 
 
@@ -1249,6 +1251,16 @@ def _set_panel_packing(bint on):
     global nnf_pack_b
     old = nnf_pack_b != 0
     nnf_pack_b = 1 if on else 0
+    return old
+
+
+def _set_a_packing(bint on):
+    """Whether the hand kernels copy a transposed A (the X^T of a weight gradient) into
+    the row tiles' order before use (``nnf_pack_a`` in _smallgemm.h; for measuring it and
+    testing both paths). Returns the previous setting."""
+    global nnf_pack_a
+    old = nnf_pack_a != 0
+    nnf_pack_a = 1 if on else 0
     return old
 
 

@@ -16,6 +16,8 @@
 #ifndef NNFAST_SMALLGEMM_H
 #define NNFAST_SMALLGEMM_H
 
+#include <stdlib.h>
+
 #include "_simd.h"
 
 /* What a product does with its result besides storing C, on its last block of the inner
@@ -393,6 +395,68 @@ static inline void nnf_pack_transposed(float *panel, const float *bj, long ldb, 
             panel[p * W + q] = q < nr ? bj[q * ldb + p] : 0.0f;
 }
 
+/* A transposed A (rsa == 1: the weight gradient X^T @ dZ, A^T's rows being X's columns)
+ * is copied, a block of NNF_A_MC rows by NNF_NN_KC at a time, into the row tiles' order
+ * (tile by tile, each tile's mr values of one p together) before the panels read it. Read
+ * where it lies, a tile's mr values of a p are 48 bytes of a row of X, the next p's a row
+ * (3 KB for 784 inputs) further on: every panel of B walked X's block with a new line,
+ * and often a new page, each p, from L3 when X no longer fits L2 beside C. Same shape
+ * (784x256x512, 2 threads, Xeon): X^T @ dZ 189-202 GFLOP/s, X' @ dZ with X' = X^T stored
+ * 243-253; packed, X^T @ dZ 238-240. Packed, the block is read from X once per thread and
+ * then streamed in order. The copy pays where X's rows lie more than NNF_A_MIN_STRIDE
+ * floats apart (784x256x512 1.20x, 640x256x512 1.11x, 1024x256x512 1.13x; 512 or fewer:
+ * 512x128x512 0.91x, 256x128x512 0.90x, 64x128x256 0.90x), there are two panels of B or
+ * more (784x128x512 1.10x on two), and a block is at least NNF_A_MIN_KC deep (784x256x64
+ * 1.01x). In training (in-process A/B, on / off, 2 threads): A/128 1.010x, A/256 1.007x,
+ * A/512 1.060x, A/2048 1.148x. Results are bit-identical (the same FMAs in the same
+ * order). (nnf_pack_a: 0 turns it off, for measuring and testing.) */
+#define NNF_A_MC 1024
+#define NNF_A_MIN_KC 64
+#define NNF_A_MIN_STRIDE 512
+static int nnf_pack_a = 1;
+
+/* Each thread's buffer for packed A, kept for the thread's lifetime (OpenMP's workers
+ * persist; one that exits leaves its buffer, at most NNF_A_MC x NNF_NN_KC floats, behind):
+ * growing it is the only allocation, once a thread; NULL when malloc fails (the caller
+ * then reads A where it lies). Unaligned loads read it, so plain malloc will do. */
+#if defined(_MSC_VER)
+#define NNF_THREAD_LOCAL __declspec(thread)
+#else
+#define NNF_THREAD_LOCAL __thread
+#endif
+static NNF_THREAD_LOCAL float *nnf_apack_buf = NULL;
+static NNF_THREAD_LOCAL long nnf_apack_cap = 0;
+
+static float *nnf_apack_reserve(long count) {
+    if (count > nnf_apack_cap) {
+        float *p = (float *)malloc((size_t)count * sizeof(float));
+        if (!p) return NULL;
+        free(nnf_apack_buf);
+        nnf_apack_buf = p;
+        nnf_apack_cap = count;
+    }
+    return nnf_apack_buf;
+}
+
+/* dst[i * kc + p * mr + r] = A^T[i + r, p] for the row tiles (i, mr) of the loop below
+ * over m rows (A^T[i, p] = a[i + p * csa]): tile i's kc x mr values in order, at i * kc. */
+static void nnf_pack_a_tiles(float *dst, const float *a, long csa, long m, long kc) {
+    for (long i = 0, mr; i < m; i += mr) {
+        mr = nnf_panel_tile_rows(m - i);
+        const float *src = a + i;
+        float *d = dst + i * kc;
+#if defined(__AVX512F__)
+        __mmask16 mk = nnf_z_lanes(mr);
+        for (long p = 0; p < kc; p++)
+            _mm512_mask_storeu_ps(d + p * mr, mk, _mm512_maskz_loadu_ps(mk, src + p * csa));
+#else
+        __m256i mk = nnf_first_lanes(mr);
+        for (long p = 0; p < kc; p++)
+            _mm256_maskstore_ps(d + p * mr, mk, _mm256_maskload_ps(src + p * csa, mk));
+#endif
+    }
+}
+
 /* The loop of both products below: blocks of NNF_NN_KC of the inner dimension, panels
  * of C's columns NNF_PANEL_WIDTH wide, row tiles (6 x 16 AVX2, 12 x 32 AVX-512). B is
  * k x n (ldb apart) or, with b_transposed, n x k (B^T's panels are then always packed,
@@ -407,35 +471,46 @@ static void nnf_sgemm_panels(long m, long n, long k, float alpha, const float *a
     for (long p0 = 0; p0 < k || p0 == 0; p0 += NNF_NN_KC) {
         long kc = k - p0 < NNF_NN_KC ? k - p0 : NNF_NN_KC;
         int acc = accumulate || p0 > 0;
-        const float *ap = a + p0 * csa;
-        for (long j = 0; j < n; j += W) {
-            long nr = n - j < W ? n - j : W;
-            const float *bj = b_transposed ? b + j * ldb + p0 : b + p0 * ldb + j;
-            long ldbj = ldb;
-            if (b_transposed) {
-                nnf_pack_transposed(panel, bj, ldb, kc, nr);
-                bj = panel;
-                ldbj = W;
-            } else if (nnf_pack_b && nr == W && m >= 64 && kc >= 128) {
-                for (long p = 0; p < kc; p++)
-                    for (long q = 0; q < W; q += 8)
-                        _mm256_store_ps(panel + p * W + q, _mm256_loadu_ps(bj + p * ldb + q));
-                bj = panel;
-                ldbj = W;
-            }
-            if (ep && ep->colsum && !b_transposed)
-                nnf_panel_column_sums(ep->colsum + j, ep->colsum_alpha, bj, ldbj, kc, nr);
-            int last = ep && p0 + kc >= k;
-            if (last) te.bias = ep->bias ? ep->bias + j : NULL;
-            for (long i = 0, mr; i < m; i += mr) {
-                mr = nnf_panel_tile_rows(m - i);
-                if (last) {
-                    te.act = ep->act ? ep->act + i * ep->ld_act + j : NULL;
-                    te.slope = ep->slope ? ep->slope + i * ep->ld_slope + j : NULL;
+        int pack_a = nnf_pack_a && rsa == 1 && csa > NNF_A_MIN_STRIDE && n > W
+                     && kc >= NNF_A_MIN_KC;
+        long mc_max = pack_a ? NNF_A_MC : m;
+        for (long i0 = 0; i0 < m; i0 += mc_max) {
+            long mc = m - i0 < mc_max ? m - i0 : mc_max;
+            const float *ap = a + p0 * csa + i0 * rsa;
+            float *apk = pack_a ? nnf_apack_reserve(mc * kc) : NULL;
+            if (apk) nnf_pack_a_tiles(apk, ap, csa, mc, kc);
+            float *ci0 = c + i0 * ldc;
+            for (long j = 0; j < n; j += W) {
+                long nr = n - j < W ? n - j : W;
+                const float *bj = b_transposed ? b + j * ldb + p0 : b + p0 * ldb + j;
+                long ldbj = ldb;
+                if (b_transposed) {
+                    nnf_pack_transposed(panel, bj, ldb, kc, nr);
+                    bj = panel;
+                    ldbj = W;
+                } else if (nnf_pack_b && nr == W && m >= 64 && kc >= 128) {
+                    for (long p = 0; p < kc; p++)
+                        for (long q = 0; q < W; q += 8)
+                            _mm256_store_ps(panel + p * W + q,
+                                            _mm256_loadu_ps(bj + p * ldb + q));
+                    bj = panel;
+                    ldbj = W;
                 }
-                nnf_panel_tile(mr, nr, kc, alpha, ap + i * rsa, rsa, csa, bj, ldbj,
-                               c + i * ldc + j, ldc, acc,
-                               last && (te.bias || te.act || te.slope) ? &te : NULL);
+                if (ep && ep->colsum && !b_transposed && i0 == 0)
+                    nnf_panel_column_sums(ep->colsum + j, ep->colsum_alpha, bj, ldbj, kc, nr);
+                int last = ep && p0 + kc >= k;
+                if (last) te.bias = ep->bias ? ep->bias + j : NULL;
+                for (long i = 0, mr; i < mc; i += mr) {
+                    mr = nnf_panel_tile_rows(mc - i);
+                    if (last) {
+                        te.act = ep->act ? ep->act + (i0 + i) * ep->ld_act + j : NULL;
+                        te.slope = ep->slope ? ep->slope + (i0 + i) * ep->ld_slope + j : NULL;
+                    }
+                    nnf_panel_tile(mr, nr, kc, alpha, apk ? apk + i * kc : ap + i * rsa,
+                                   apk ? 1 : rsa, apk ? mr : csa, bj, ldbj,
+                                   ci0 + i * ldc + j, ldc, acc,
+                                   last && (te.bias || te.act || te.slope) ? &te : NULL);
+                }
             }
         }
     }
@@ -556,6 +631,7 @@ static void nnf_sgemm_nt(long m, long n, long k, float alpha, const float *a, lo
 #define NNF_HAVE_SMALL_GEMM 0
 #define NNF_PANEL_WIDTH 16
 static int nnf_pack_b = 0;  /* (no hand kernels to pack for) */
+static int nnf_pack_a = 0;
 /* never called in builds without AVX2 (gemm takes every product there) */
 static inline void nnf_sgemm_nn(long m, long n, long k, float alpha, const float *a,
                                 long rsa, long csa, const float *b, long ldb, float *c,

@@ -309,7 +309,59 @@ def test_packed_panels_change_nothing_but_the_speed(form, threaded):
         _kernels._set_hand_product_limits(*old)
 
 
-@pytest.mark.skipif(not _kernels.compiled_isa() != "generic",
+@pytest.mark.parametrize("threaded", [False, True])
+def test_packed_transposed_a_changes_nothing_but_the_speed(threaded):
+    """A^T of a weight gradient (X^T @ dZ) is copied into the row tiles' order where X's
+    rows lie more than 512 floats apart, there are two column panels or more and a block
+    of at least 64 of the inner dimension: bit-identical with the copy off and right
+    against float64, on both sides of each limit, across blocks of 1024 rows (1030: a
+    6-row second block), 256-deep inner blocks (300, 600: a short last block left as it
+    lies) and partial panels; with B's column sums (the bias gradient) fused too, which
+    must be added once however many row blocks there are."""
+    rng = np.random.default_rng(22)
+    old = _kernels._set_hand_product_limits(*HAND_EVERYWHERE)
+    try:
+        for m, n, k in [(784, 256, 512), (513, 33, 64), (512, 64, 300), (1030, 40, 300),
+                        (600, 100, 63), (700, 17, 600), (2100, 70, 130)]:
+            A = rng.standard_normal((k, m)).astype(np.float32)
+            B = rng.standard_normal((k, n)).astype(np.float32)
+            C0 = rng.standard_normal((m, n)).astype(np.float32)
+            s0 = rng.standard_normal(n).astype(np.float32)
+            ref = _small_ref("tn", A, B, C0, -0.37, True)
+            scale = np.abs(A).max() * np.abs(B).max() * k + np.abs(C0).max()
+            out, sums = [], []
+            for on in (True, False):
+                C, colsum = C0.copy(), s0.copy()
+                with knob(_kernels._set_a_packing, on):
+                    _kernels._small_matmul("tn", A, B, C, -0.37, True, threaded)
+                    out.append(C)
+                    C = C0.copy()
+                    done = _kernels._epilogue_product("tn", A, B, C, colsum=colsum,
+                                                      alpha=-0.37, accumulate=True)
+                np.testing.assert_array_equal(C, out[-1])
+                sums.append((colsum, done))
+            np.testing.assert_array_equal(out[0], out[1])
+            np.testing.assert_allclose(out[0], ref, rtol=2e-6, atol=2e-6 * scale,
+                                       err_msg=f"m={m} n={n} k={k}")
+            (s_on, done_on), (s_off, done_off) = sums
+            assert done_on == done_off
+            np.testing.assert_array_equal(s_on, s_off)
+            np.testing.assert_allclose(s_on, s0 - 0.37 * B.astype(np.float64).sum(0),
+                                       rtol=1e-5, atol=1e-5 * np.abs(B).sum(0).max())
+    finally:
+        _kernels._set_hand_product_limits(*old)
+
+
+def test_a_packing_knob_round_trips():
+    old = _kernels._set_a_packing(False)
+    try:
+        assert old is (_kernels.compiled_isa() != "generic")
+        assert _kernels._set_a_packing(True) is False
+    finally:
+        _kernels._set_a_packing(old)
+
+
+@pytest.mark.skipif(_kernels.compiled_isa() == "generic",
                     reason="the portable build has no hand products")
 @pytest.mark.parametrize("form", ["nn", "tn"])
 @pytest.mark.parametrize("threads", [1, 2, 9])
@@ -343,17 +395,20 @@ def _small_weights_route(form, rng, small):
         np.testing.assert_array_equal(out["default"], out[want])
 
 
+@pytest.mark.parametrize("packing", ["panels of B", "transposed A"])
 @pytest.mark.parametrize("batch", [128, 300])
-def test_training_is_bit_identical_with_and_without_packing(threads, batch):
+def test_training_is_bit_identical_with_and_without_packing(threads, batch, packing):
     rng = np.random.default_rng(3)
     X = rng.standard_normal((700, 784)).astype(np.float32)
     y = rng.integers(0, 10, 700)
     weights = []
+    setter = {"panels of B": _kernels._set_panel_packing,
+              "transposed A": _kernels._set_a_packing}[packing]
     for on in (True, False):
         m = nf.Sequential(nf.Dense(784, 256, activation="relu"),
                           nf.Dense(256, 128, activation="relu"),
                           nf.Dense(128, 10, activation="softmax"), seed=1)
-        with knob(_kernels._set_panel_packing, on):
+        with knob(setter, on):
             m.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.05, momentum=0.9),
                   batch_size=batch, epochs=2, seed=2)
         weights.append(m.get_weights())
