@@ -329,7 +329,7 @@ def test_packed_transposed_a_changes_nothing_but_the_speed(threaded):
             s0 = rng.standard_normal(n).astype(np.float32)
             ref = _small_ref("tn", A, B, C0, -0.37, True)
             scale = np.abs(A).max() * np.abs(B).max() * k + np.abs(C0).max()
-            out, sums = [], []
+            out, fused, sums = [], [], []
             for on in (True, False):
                 C, colsum = C0.copy(), s0.copy()
                 with knob(_kernels._set_a_packing, on):
@@ -338,11 +338,12 @@ def test_packed_transposed_a_changes_nothing_but_the_speed(threaded):
                     C = C0.copy()
                     done = _kernels._epilogue_product("tn", A, B, C, colsum=colsum,
                                                       alpha=-0.37, accumulate=True)
-                np.testing.assert_array_equal(C, out[-1])
+                fused.append(C)
                 sums.append((colsum, done))
-            np.testing.assert_array_equal(out[0], out[1])
-            np.testing.assert_allclose(out[0], ref, rtol=2e-6, atol=2e-6 * scale,
-                                       err_msg=f"m={m} n={n} k={k}")
+            for got in (out, fused):
+                np.testing.assert_array_equal(got[0], got[1])
+                np.testing.assert_allclose(got[0], ref, rtol=2e-6, atol=2e-6 * scale,
+                                           err_msg=f"m={m} n={n} k={k}")
             (s_on, done_on), (s_off, done_off) = sums
             assert done_on == done_off
             np.testing.assert_array_equal(s_on, s_off)
