@@ -353,15 +353,6 @@ def test_packed_transposed_a_changes_nothing_but_the_speed(threaded):
         _kernels._set_hand_product_limits(*old)
 
 
-def test_a_packing_knob_round_trips():
-    old = _kernels._set_a_packing(False)
-    try:
-        assert old is (_kernels.compiled_isa() != "generic")
-        assert _kernels._set_a_packing(True) is False
-    finally:
-        _kernels._set_a_packing(old)
-
-
 @pytest.mark.skipif(_kernels.compiled_isa() == "generic",
                     reason="the portable build has no hand products")
 @pytest.mark.parametrize("form", ["nn", "tn"])
@@ -417,13 +408,15 @@ def test_training_is_bit_identical_with_and_without_packing(threads, batch, pack
         np.testing.assert_array_equal(a, b)
 
 
-def test_panel_packing_knob_round_trips():
-    old = _kernels._set_panel_packing(False)
+@pytest.mark.parametrize("name", ["_set_panel_packing", "_set_a_packing"])
+def test_packing_knobs_round_trip(name):
+    setter = getattr(_kernels, name)
+    old = setter(False)
     try:
         assert old is (_kernels.compiled_isa() != "generic")
-        assert _kernels._set_panel_packing(True) is False
+        assert setter(True) is False
     finally:
-        _kernels._set_panel_packing(old)
+        setter(old)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
