@@ -63,6 +63,7 @@ cdef extern from "_smallgemm.h":
                       const float* b, long ldb, float* c, long ldc, int accumulate) noexcept nogil
     int nnf_pack_b
     int nnf_pack_a
+    long NNF_A_MIN_STRIDE
     void nnf_sgemm_nt_packed(long m, long n, long k, float alpha, const float* a, long lda,
                              const float* b, long ldb, float* c, long ldc,
                              int accumulate, const nnf_epilogue* ep) noexcept nogil
@@ -607,7 +608,12 @@ cdef void _hand_nn_split(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
     serially for small products, else threads take blocks of C's columns (16-wide
     panels) when there are at least two panels each, so the forward product and the
     update of a layer (C = W) give every thread the same columns of W; otherwise blocks
-    of C's rows."""
+    of C's rows. A transposed A that the kernels pack (X^T of a weight gradient with X's
+    rows over NNF_A_MIN_STRIDE floats apart, _smallgemm.h) takes blocks of rows too:
+    each thread then packs its own rows of X^T rather than all of them. In training
+    (in-process A/B, rows / columns, 2 threads, 7-11 paired rounds): A/512 1.035-1.041x,
+    A/256 0.997-1.030x, A/128 1.001x, A/2048 1.008x, though W's rows then move between
+    the cores' caches from the forward product (blocks of columns) to the update."""
     cdef:
         int nthreads = _num_threads
         int t, lo, hi, chunk
@@ -615,7 +621,7 @@ cdef void _hand_nn_split(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
         return
     if nthreads <= 1 or 2.0 * m * n * k < PAR_MIN_FLOPS:
         nnf_sgemm_nn_epilogue(m, n, k, alpha, a, rsa, csa, b, n, c, n, accumulate, ep)
-    elif n >= 32 * nthreads:
+    elif n >= 32 * nthreads and not (nnf_pack_a and rsa == 1 and csa > NNF_A_MIN_STRIDE):
         chunk = _panel_chunk(n, nthreads)
         for t in prange(nthreads, num_threads=nthreads, schedule='static'):
             lo = t * chunk

@@ -632,6 +632,7 @@ static void nnf_sgemm_nt(long m, long n, long k, float alpha, const float *a, lo
 #define NNF_PANEL_WIDTH 16
 static int nnf_pack_b = 0;  /* (no hand kernels to pack for) */
 static int nnf_pack_a = 0;
+#define NNF_A_MIN_STRIDE 512
 /* never called in builds without AVX2 (gemm takes every product there) */
 static inline void nnf_sgemm_nn(long m, long n, long k, float alpha, const float *a,
                                 long rsa, long csa, const float *b, long ldb, float *c,

@@ -309,17 +309,20 @@ def test_packed_panels_change_nothing_but_the_speed(form, threaded):
         _kernels._set_hand_product_limits(*old)
 
 
-@pytest.mark.parametrize("threaded", [False, True])
-def test_packed_transposed_a_changes_nothing_but_the_speed(threaded):
+@pytest.mark.parametrize("threaded, threads", [(False, 1), (True, 1), (True, 2), (True, 3)])
+def test_packed_transposed_a_changes_nothing_but_the_speed(threaded, threads):
     """A^T of a weight gradient (X^T @ dZ) is copied into the row tiles' order where X's
     rows lie more than 512 floats apart, there are two column panels or more and a block
     of at least 64 of the inner dimension: bit-identical with the copy off and right
     against float64, on both sides of each limit, across blocks of 1024 rows (1030: a
     6-row second block), 256-deep inner blocks (300, 600: a short last block left as it
     lies) and partial panels; with B's column sums (the bias gradient) fused too, which
-    must be added once however many row blocks there are."""
+    must be added once however many row blocks there are. Split across threads, the
+    packed products go by blocks of rows, the others by blocks of columns."""
     rng = np.random.default_rng(22)
     old = _kernels._set_hand_product_limits(*HAND_EVERYWHERE)
+    old_threads = nf.get_num_threads()
+    nf.set_num_threads(threads)
     try:
         for m, n, k in [(784, 256, 512), (513, 33, 64), (512, 64, 300), (1030, 40, 300),
                         (600, 100, 63), (700, 17, 600), (2100, 70, 130)]:
@@ -351,6 +354,7 @@ def test_packed_transposed_a_changes_nothing_but_the_speed(threaded):
                                        rtol=1e-5, atol=1e-5 * np.abs(B).sum(0).max())
     finally:
         _kernels._set_hand_product_limits(*old)
+        nf.set_num_threads(old_threads)
 
 
 @pytest.mark.skipif(_kernels.compiled_isa() == "generic",
