@@ -299,6 +299,30 @@ cdef inline floating _activation_slope(floating a, int act) noexcept nogil:
 # ----------------------------------------------------------------------------------
 # matrix products
 # ----------------------------------------------------------------------------------
+ctypedef void (*sgemm_fn)(char*, char*, int*, int*, int*, float*, float*, int*, float*,
+                          int*, float*, float*, int*) noexcept nogil
+ctypedef void (*dgemm_fn)(char*, char*, int*, int*, int*, double*, double*, int*, double*,
+                          int*, double*, double*, int*) noexcept nogil
+
+# The gemm every product that is not on the hand kernels calls: SciPy's (cython_blas)
+# unless _use_blas gave the Fortran sgemm_/dgemm_ of another single-threaded BLAS with
+# 32-bit integers (nnfast._blas: the scipy-openblas32 package, a newer OpenBLAS).
+cdef sgemm_fn _sgemm = sgemm
+cdef dgemm_fn _dgemm = dgemm
+
+
+def _use_blas(size_t sgemm_address=0, size_t dgemm_address=0):
+    """Point the kernels' gemm at these Fortran sgemm_ / dgemm_ (0: SciPy's, the
+    default). The caller vouches for the addresses and for the library running
+    single-threaded (nnfast._blas). Returns the previous pair (0 for SciPy's)."""
+    global _sgemm, _dgemm
+    old = (0 if _sgemm == sgemm else <size_t><void*>_sgemm,
+           0 if _dgemm == dgemm else <size_t><void*>_dgemm)
+    _sgemm = <sgemm_fn><void*>sgemm_address if sgemm_address else sgemm
+    _dgemm = <dgemm_fn><void*>dgemm_address if dgemm_address else dgemm
+    return old
+
+
 cdef void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
                 floating* a, int lda, floating* b, int ldb, floating beta,
                 floating* c, int ldc) noexcept nogil:
@@ -310,9 +334,9 @@ cdef void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
     if m <= 0 or n <= 0:
         return
     if floating is float:
-        sgemm(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
+        _sgemm(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
     else:
-        dgemm(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
+        _dgemm(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
 
 
 cdef inline int _panel_chunk(int n, int nthreads) noexcept nogil:

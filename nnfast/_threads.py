@@ -8,7 +8,8 @@ NumPy's own BLAS, which gets the same thread count as the kernels.
 
 ``set_num_threads(n)`` therefore sets: OpenMP threads of the kernels = n, NumPy's BLAS
 = n, SciPy's BLAS = 1 (the SciPy copy is used by nnfast's kernels; note that this also
-makes ``scipy.linalg`` single-threaded in the process). threadpoolctl is imported only
+makes ``scipy.linalg`` single-threaded in the process), and so is the scipy-openblas32
+copy the kernels call instead where it is installed (``nnfast._blas``). threadpoolctl is imported only
 when a thread count is applied, so ``import nnfast`` stays fast.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _default_threads() -> int:
 
 
 def _apply(n: int) -> None:
-    from . import _compiled
+    from . import _blas, _compiled
+    _blas.install()   # first: its library is then one of those set to 1 thread below
     for module in _compiled.loaded_modules():
         module.set_kernel_threads(n)
     try:
