@@ -228,6 +228,9 @@ def machine_info(torch_mod=None, torch_error=None) -> dict:
     info["nnfast_compiled"] = _compiled.kernels is not None
     info["nnfast_openmp"] = bool(_compiled.kernels and _compiled.kernels.openmp_enabled())
     info["nnfast_kernels"] = _compiled.variant
+    if _compiled.kernels is not None:
+        from . import _blas
+        info["nnfast_gemm"] = _blas.install()
     try:
         from threadpoolctl import threadpool_info
         info["blas"] = [
@@ -738,7 +741,7 @@ def format_machine(info, threads) -> str:
         f"torch {info['torch'] or 'not available'}",
         f"nnfast {info['nnfast']}: compiled={info['nnfast_compiled']}, "
         f"openmp_enabled={info['nnfast_openmp']}, kernels={info['nnfast_kernels']}, "
-        f"threads={threads}",
+        f"gemm={info.get('nnfast_gemm')}, threads={threads}",
     ]
     if "load_average" in info:
         la = info["load_average"]
