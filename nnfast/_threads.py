@@ -9,8 +9,9 @@ NumPy's own BLAS, which gets the same thread count as the kernels.
 ``set_num_threads(n)`` therefore sets: OpenMP threads of the kernels = n, NumPy's BLAS
 = n, SciPy's BLAS = 1 (the SciPy copy is used by nnfast's kernels; note that this also
 makes ``scipy.linalg`` single-threaded in the process), and so is the scipy-openblas32
-copy the kernels call instead where it is installed (``nnfast._blas``). threadpoolctl is imported only
-when a thread count is applied, so ``import nnfast`` stays fast.
+copy the kernels call instead where it is installed (``nnfast._blas``). threadpoolctl
+(and that copy) are loaded only when a thread count is applied, so ``import nnfast``
+stays fast.
 """
 from __future__ import annotations
 
