@@ -56,6 +56,12 @@ def install() -> str:
     return _state["name"]
 
 
+def adopt(module) -> None:
+    """A kernel build imported after ``install`` calls the same BLAS."""
+    if _state["name"] is not None:
+        module._use_blas(*_state.get("addresses", (0, 0)))
+
+
 def name() -> str:
     """The BLAS of the kernels' gemm calls (after ``install``; None before)."""
     return _state["name"]

@@ -35,8 +35,7 @@ def _requested() -> str:
     return value
 
 
-def module_for(name: str):
-    """The kernel module of build ``name`` (``ImportError`` when it cannot run here)."""
+def _import_build(name: str):
     if name not in VARIANTS:
         raise ValueError(f"unknown kernel build {name!r}; expected one of {VARIANTS}")
     from . import _kernels   # the portable build: always importable, and asks the CPU
@@ -51,6 +50,16 @@ def module_for(name: str):
         raise ImportError("this CPU (or OS) does not run AVX-512 F, DQ, BW and VL")
     from . import _kernels_avx512
     return _kernels_avx512
+
+
+def module_for(name: str):
+    """The kernel module of build ``name`` (``ImportError`` when it cannot run here),
+    calling the BLAS that nnfast._blas chose if it chose one already."""
+    module = _import_build(name)
+    from . import _blas
+    for loaded in loaded_modules():   # with the portable build it may have imported
+        _blas.adopt(loaded)
+    return module
 
 
 def available_variants() -> list:

@@ -36,7 +36,9 @@ def test_the_kernels_call_their_own_single_threaded_openblas():
         assert len(ours) == 1 and ours[0]["num_threads"] == 1
         numpy_blas = [i for i in libs.values() if "numpy" in i["filepath"]]
         assert all(i["num_threads"] == 2 for i in numpy_blas)
-        for module in _compiled.loaded_modules():   # every build calls it
+        builds = [_compiled.module_for(v) for v in _compiled.available_variants()]
+        assert builds and set(builds) == set(_compiled.loaded_modules())
+        for module in builds:   # every build calls it, those imported later too
             addresses = module._use_blas()
             assert all(addresses)
             module._use_blas(*addresses)
@@ -103,3 +105,16 @@ def test_training_on_gemm_matches_the_numpy_backend_on_either_blas():
         got = _with_blas(use_ours, lambda: train("cython"))
         for a, b in zip(got, ref):
             np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_a_build_imported_later_calls_the_same_blas():
+    """A build first imported after the BLAS was chosen (NNFAST_KERNELS=generic, then
+    another build for a comparison) calls it too."""
+    code = ("import nnfast as nf; nf.set_num_threads(1); from nnfast import _compiled; "
+            "import sys; names = _compiled.available_variants(); "
+            "print(len(names), all(all(_compiled.module_for(n)._use_blas()) for n in names))")
+    env = dict(os.environ, NNFAST_KERNELS="generic")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True, cwd=os.path.dirname(__file__))
+    count, every = out.stdout.split()
+    assert int(count) >= 1 and every == "True"
