@@ -7,8 +7,9 @@ against, with 32-bit integers as cython_blas has) is installed, its Fortran
 ``sgemm_``/``dgemm_`` are taken instead: a copy of its own, so running it on one thread
 leaves NumPy's and SciPy's thread counts alone. Why: SciPy 1.17 bundles OpenBLAS 0.3.30,
 whose SkylakeX sgemm ran C's forward product (256x4096 @ 4096x4096, one thread) at
-100 GFLOP/s where 0.3.34 ran 122 (NumPy's 0.3.31: 119); in training (in-process A/B, 2 threads), C/256 1.16x; A and B, whose large products are
-on the hand kernels, within 2 %.
+100 GFLOP/s where 0.3.34 ran 122 (NumPy's 0.3.31: 119); in training (in-process A/B,
+2 threads), C/256 1.16x; A and B, whose large products are on the hand kernels, within
+2 %.
 
 ``NNFAST_BLAS=scipy`` keeps SciPy's. ``install()`` runs with the thread policy
 (``nnfast._threads``), before the first kernel does; ``name()`` says which is in use.
