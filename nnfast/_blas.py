@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import os
 
-_state = {"name": None, "lib": None}
+_state = {"name": None, "addresses": (0, 0)}   # (0, 0): SciPy's
 
 
 def _openblas32():
-    """(label, sgemm address, dgemm address, library) of scipy-openblas32, or None."""
+    """(label, sgemm address, dgemm address) of scipy-openblas32, or None. The library
+    stays loaded: the scipy_openblas32 module holds it."""
     if os.environ.get("NNFAST_BLAS", "").strip().lower() == "scipy":
         return None
     try:
@@ -38,29 +39,29 @@ def _openblas32():
         return None
     if not sgemm or not dgemm:
         return None
-    return f"scipy-openblas32 {scipy_openblas32.__version__}", sgemm, dgemm, lib
+    return f"scipy-openblas32 {scipy_openblas32.__version__}", sgemm, dgemm
 
 
 def install() -> str:
-    """Point every loaded kernel build at the BLAS chosen above; returns its name."""
+    """Choose the BLAS (once) and point every loaded kernel build at it; returns its
+    name."""
     from . import _compiled
     if _state["name"] is None:
         found = _openblas32()
         if found is None:
             _state["name"] = "scipy (cython_blas)"
         else:
-            _state["name"], sgemm, dgemm, _state["lib"] = found
-            _state["addresses"] = (sgemm, dgemm)
-    addresses = _state.get("addresses", (0, 0))
+            _state["name"], *addresses = found
+            _state["addresses"] = tuple(addresses)
     for module in _compiled.loaded_modules():
-        module._use_blas(*addresses)
+        adopt(module)
     return _state["name"]
 
 
 def adopt(module) -> None:
-    """A kernel build imported after ``install`` calls the same BLAS."""
+    """Point a kernel build at the BLAS ``install`` chose (nothing before it has)."""
     if _state["name"] is not None:
-        module._use_blas(*_state.get("addresses", (0, 0)))
+        module._use_blas(*_state["addresses"])
 
 
 def name() -> str:

@@ -63,7 +63,7 @@ cdef extern from "_smallgemm.h":
                       const float* b, long ldb, float* c, long ldc, int accumulate) noexcept nogil
     int nnf_pack_b
     int nnf_pack_a
-    long NNF_A_MIN_STRIDE
+    int nnf_transposed_a_packs(long rsa, long csa) noexcept nogil
     void nnf_sgemm_nt_packed(long m, long n, long k, float alpha, const float* a, long lda,
                              const float* b, long ldb, float* c, long ldc,
                              int accumulate, const nnf_epilogue* ep) noexcept nogil
@@ -645,7 +645,7 @@ cdef void _hand_nn_split(Py_ssize_t m, int n, Py_ssize_t k, floating alpha,
         return
     if nthreads <= 1 or 2.0 * m * n * k < PAR_MIN_FLOPS:
         nnf_sgemm_nn_epilogue(m, n, k, alpha, a, rsa, csa, b, n, c, n, accumulate, ep)
-    elif n >= 32 * nthreads and not (nnf_pack_a and rsa == 1 and csa > NNF_A_MIN_STRIDE):
+    elif n >= 32 * nthreads and not nnf_transposed_a_packs(rsa, csa):
         chunk = _panel_chunk(n, nthreads)
         for t in prange(nthreads, num_threads=nthreads, schedule='static'):
             lo = t * chunk

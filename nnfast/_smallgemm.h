@@ -415,6 +415,12 @@ static inline void nnf_pack_transposed(float *panel, const float *bj, long ldb, 
 #define NNF_A_MIN_STRIDE 512
 static int nnf_pack_a = 1;
 
+/* Whether A (A[i, p] = a[i * rsa + p * csa]) is a transposed operand that gets packed,
+ * given enough panels and depth (below); _hand_nn_split splits such products by rows. */
+static inline int nnf_transposed_a_packs(long rsa, long csa) {
+    return nnf_pack_a && rsa == 1 && csa > NNF_A_MIN_STRIDE;
+}
+
 /* Each thread's buffer for packed A, kept for the thread's lifetime (OpenMP's workers
  * persist; one that exits leaves its buffer, at most NNF_A_MC x NNF_NN_KC floats, behind):
  * growing it is the only allocation, once a thread; NULL when malloc fails (the caller
@@ -471,8 +477,7 @@ static void nnf_sgemm_panels(long m, long n, long k, float alpha, const float *a
     for (long p0 = 0; p0 < k || p0 == 0; p0 += NNF_NN_KC) {
         long kc = k - p0 < NNF_NN_KC ? k - p0 : NNF_NN_KC;
         int acc = accumulate || p0 > 0;
-        int pack_a = nnf_pack_a && rsa == 1 && csa > NNF_A_MIN_STRIDE && n > W
-                     && kc >= NNF_A_MIN_KC;
+        int pack_a = nnf_transposed_a_packs(rsa, csa) && n > W && kc >= NNF_A_MIN_KC;
         long mc_max = pack_a ? NNF_A_MC : m;
         for (long i0 = 0; i0 < m; i0 += mc_max) {
             long mc = m - i0 < mc_max ? m - i0 : mc_max;
@@ -632,7 +637,10 @@ static void nnf_sgemm_nt(long m, long n, long k, float alpha, const float *a, lo
 #define NNF_PANEL_WIDTH 16
 static int nnf_pack_b = 0;  /* (no hand kernels to pack for) */
 static int nnf_pack_a = 0;
-#define NNF_A_MIN_STRIDE 512
+static inline int nnf_transposed_a_packs(long rsa, long csa) {
+    (void)rsa; (void)csa;
+    return 0;
+}
 /* never called in builds without AVX2 (gemm takes every product there) */
 static inline void nnf_sgemm_nn(long m, long n, long k, float alpha, const float *a,
                                 long rsa, long csa, const float *b, long ldb, float *c,
