@@ -87,6 +87,22 @@ cdef extern from "_simd.h":
                             const float* b, float* z) noexcept nogil
     void nnf_dstep_forward4(double* w, long ld, long n, const double* dz, const double* a,
                             const double* b, double* z) noexcept nogil
+    void nnf_sblock_pass4(float* w, long ld, long rows, const float* g, const float* u,
+                          const float* f, const unsigned char* flags, float* zb) noexcept nogil
+    void nnf_sblock_pass8(float* w, long ld, long rows, const float* g, const float* u,
+                          const float* f, const unsigned char* flags, float* zb) noexcept nogil
+    void nnf_dblock_pass4(double* w, long ld, long rows, const double* g, const double* u,
+                          const double* f, const unsigned char* flags, double* zb) noexcept nogil
+    void nnf_sblock_inputs(const float** xr, int nk, int kb, long n0, float* f,
+                           unsigned char* flags) noexcept nogil
+    void nnf_dblock_inputs(const double** xr, int nk, int kb, long n0, double* f,
+                           unsigned char* flags) noexcept nogil
+    void nnf_srows_forward(const float* x, const float* w, long ld, long i0, long i1, long n,
+                           float* z) noexcept nogil
+    void nnf_drows_forward(const double* x, const double* w, long ld, long i0, long i1, long n,
+                           double* z) noexcept nogil
+    void nnf_dblock_pass8(double* w, long ld, long rows, const double* g, const double* u,
+                          const double* f, const unsigned char* flags, double* zb) noexcept nogil
     int nnf_snarrow(long n) noexcept nogil
     int nnf_dnarrow(long n) noexcept nogil
     void nnf_snarrow_axpy(float* y, float alpha, const float* x, long n) noexcept nogil
@@ -1369,6 +1385,7 @@ cdef struct Net:
     int* unit_stop            # per thread: its loss was not finite (2 * scratch_threads:
                               # samples of even and odd index, see _unit_split_worker)
     int64_t unit_iterations   # iterations trained by the unit split
+    int64_t lazy_passes       # passes over W0 of the lazy first layer (UNIT_LAZY_BLOCK)
 
 
 cdef struct Batch:
@@ -1435,12 +1452,18 @@ cdef void _small_forward_rows(const floating* x, Py_ssize_t m, int k, int n,
                               const floating* w, floating* z, Py_ssize_t i0,
                               Py_ssize_t i1) noexcept nogil:
     """Z = X[:, i0:i1] @ W[i0:i1] for a few rows: W's rows streamed once, zero inputs
-    skipped."""
+    skipped; one row of X with its sums in registers (``nnf_*rows_forward``)."""
     cdef:
         Py_ssize_t r, i
     if _narrow(z, n):
         for r in range(m):
             _narrow_forward(x + r * k, w, i0, i1, n, z + r * n)
+        return
+    if m == 1:
+        if floating is float:
+            nnf_srows_forward(x, w, n, i0, i1, n, z)
+        else:
+            nnf_drows_forward(x, w, n, i0, i1, n, z)
         return
     memset(z, 0, m * n * sizeof(floating))
     i = i0
@@ -2519,6 +2542,17 @@ cdef double UNIT_SPLIT_BATCH2_MAX_W0 = 65536
 # and at most this many bytes of rows of Z, A, G in each thread's copy of the tail
 # (A: 138 values a row, 64 rows in 106 KB; B: 10 values a row)
 cdef size_t UNIT_SPLIT_TAIL_ROW_BYTES = 1 << 20
+# At batch 1 with plain SGD, the first layer's steps are applied UNIT_LAZY_BLOCK samples
+# at a time (0: every sample; 4 or 8). A sample's step changes W0 by neg * x outer dz, so
+# the next sample's z0 = x' @ W0 can be had as x' @ W0_then + neg * (x' . x) dz: each
+# block of samples is one pass over W0 (their steps, then the next block's products,
+# ``nnf_*block_pass*``) plus, per sample, a few axpys of the earlier samples' dz with
+# their dot products. Exact but for rounding (the products and dots are summed in another
+# order than the step-by-step pass). One pass a sample was bound by the L2 cache, a load
+# and a store of every weight; A/1 training (in-process A/B, 2 threads, Zen 5): see the
+# README's profile of A/1.
+cdef int UNIT_LAZY_BLOCK = 8
+cdef int UNIT_LAZY_MAX = 8
 
 
 def checks_batches_cheaply(Py_ssize_t batch_size):
@@ -2546,6 +2580,18 @@ def _set_unit_split(bint on, Py_ssize_t min_params=-1, Py_ssize_t min_samples=-1
         UNIT_SPLIT_MIN_SAMPLES = min_samples
     if max_batch >= 1:
         UNIT_SPLIT_MAX_BATCH = max_batch
+    return old
+
+
+def _set_unit_lazy_block(int samples):
+    """Set how many samples' first-layer steps the unit split applies in one pass at
+    batch 1 with plain SGD (``UNIT_LAZY_BLOCK``: 0 for one pass a sample, or 4 or 8);
+    for measuring it and testing both paths. Returns the previous value."""
+    global UNIT_LAZY_BLOCK
+    if samples not in (0, 4, 8):
+        raise ValueError(f"samples must be 0, 4 or 8, got {samples}")
+    old = UNIT_LAZY_BLOCK
+    UNIT_LAZY_BLOCK = samples
     return old
 
 
@@ -2620,14 +2666,25 @@ cdef floating* _unit_block(Net* net, const floating* typed, int t, int team,
     return <floating*>net.unit_blocks + _unit_block_offset(net, typed, t, team, rows, full)
 
 
+cdef inline Py_ssize_t _unit_lazy_len(Net* net, const floating* typed, int t,
+                                      int team) noexcept nogil:
+    """Values of a batch-1 block's room for the lazy first layer (``UNIT_LAZY_BLOCK``),
+    laid out in ``_unit_split_worker``: dz0 and z0 rows of UNIT_LAZY_MAX samples, their
+    inputs and steps' factors, their dot products and a flag byte per row of W0."""
+    cdef Py_ssize_t q = 64 // sizeof(floating), n0 = net.width[0], K = UNIT_LAZY_MAX
+    return (2 * K * _unit_ld(net, typed, t, team) + 2 * _up(n0 * K, q) + _up(K * K, q)
+            + _up(n0 // sizeof(floating) + 1, q))
+
+
 cdef inline Py_ssize_t _unit_batch_len(Net* net, const floating* typed, int t, int team,
                                        Py_ssize_t rows, bint full) noexcept nogil:
     """Values of a block's copy of the batch (for ``_unit_batch_worker``: rows > 1, or
     ``full``): X's rows, T's rows, the labels (int64) and room for the transpose of
-    W1's rows in ``_small_nt_ld``, each part on whole cache lines."""
+    W1's rows in ``_small_nt_ld``, each part on whole cache lines. At batch 1 with plain
+    SGD (``_unit_split_worker``) the room of the lazy first layer instead."""
     cdef Py_ssize_t q = 64 // sizeof(floating)
     if rows <= 1 and not full:
-        return 0
+        return _unit_lazy_len(net, typed, t, team)
     return (rows * _up(net.width[0], q) + rows * _up(net.width[net.n_layers], q)
             + _up(rows * 8 // sizeof(floating), q)
             + _up(<Py_ssize_t>net.width[2] * _unit_ld(net, typed, t, team), q))
@@ -2892,6 +2949,79 @@ cdef void _unit_write_back(Net* net, const floating* block, Py_ssize_t ld, Py_ss
     _unit_copy_cols(<floating*>net.G[0] + c0, n1, z + 2 * blk * ld, ld, rows, units)
 
 
+cdef inline void _lazy_pass(int kb, floating* w, Py_ssize_t ld, Py_ssize_t rows,
+                            const floating* g, const floating* u, const floating* f,
+                            const unsigned char* flags, floating* zb) noexcept nogil:
+    """``nnf_*block_pass*`` for blocks of kb (4 or 8) samples."""
+    if floating is float:
+        if kb == 8:
+            nnf_sblock_pass8(w, ld, rows, g, u, f, flags, zb)
+        else:
+            nnf_sblock_pass4(w, ld, rows, g, u, f, flags, zb)
+    else:
+        if kb == 8:
+            nnf_dblock_pass8(w, ld, rows, g, u, f, flags, zb)
+        else:
+            nnf_dblock_pass4(w, ld, rows, g, u, f, flags, zb)
+
+
+cdef bint _lazy_block_inputs(const floating* X, Py_ssize_t d, const int64_t* order,
+                             Py_ssize_t s0, int nk, int kb, int n0, floating neg,
+                             floating* f, floating* c, unsigned char* flags) noexcept nogil:
+    """The inputs of samples s0..s0+nk-1 (a block of the lazy first layer) for the pass
+    that computes their products: f[i * kb + j] = x_j[i] (0 for j >= nk), bit 1 of
+    flags[i] where one of them is non-zero (bit 0, the rows the pending steps touch, is
+    kept), and c[j * kb + s] = neg * (x_j . x_s) for s < j: sample j's z0 is
+    zb[j] + sum_s c[j * kb + s] * dz_s. Returns whether every c is finite: inputs so
+    large that a dot product overflows would make z0 inf - inf (NaN, which ReLU turns
+    into 0) where the step-by-step pass has a huge or infinite z0, and the run then goes
+    on one step a sample."""
+    cdef:
+        const floating* xr[8]
+        int j, s
+        bint finite = True
+    for j in range(nk):
+        xr[j] = X + (order[s0 + j] if order != NULL else s0 + j) * d
+    if floating is float:
+        nnf_sblock_inputs(xr, nk, kb, n0, f, flags)
+    else:
+        nnf_dblock_inputs(xr, nk, kb, n0, f, flags)
+    for j in range(1, nk):
+        for s in range(j):
+            c[j * kb + s] = neg * _dot(xr[j], xr[s], n0)
+            finite = finite and not (isnan(c[j * kb + s]) or isinf(c[j * kb + s]))
+    return finite
+
+
+cdef inline void _lazy_steps_pending(floating* u, const floating* f, Py_ssize_t n, int kb,
+                                     floating neg, unsigned char* flags,
+                                     Py_ssize_t n0) noexcept nogil:
+    """After a pass: the block whose products it computed becomes the pending one, its
+    steps' factors u = neg * f and the rows they touch (bit 0 of flags) those of f."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        u[i] = neg * f[i]
+    for i in range(n0):
+        flags[i] = flags[i] >> 1
+
+
+cdef void _lazy_flush(int kb, int pending, floating* w, Py_ssize_t ld, Py_ssize_t n0,
+                      floating* gk, floating* u, floating* f, unsigned char* flags,
+                      floating* zb) noexcept nogil:
+    """Apply the first ``pending`` steps of the block (a run that stopped inside one): the
+    others' factors and gradient rows are zeroed, and no products are computed."""
+    cdef:
+        Py_ssize_t i
+        int j
+    for i in range(n0):
+        for j in range(pending, kb):
+            u[i * kb + j] = 0
+        flags[i] = flags[i] & 1
+    for j in range(pending, kb):
+        memset(gk + j * ld, 0, ld * sizeof(floating))
+    _lazy_pass(kb, w, ld, n0, gk, u, f, flags, zb)
+
+
 cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const floating* T,
                              Py_ssize_t kt, const int64_t* labels, const int64_t* order,
                              Py_ssize_t it0, Py_ssize_t it1, int loss, OptSpec* opt,
@@ -2929,13 +3059,44 @@ cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const fl
         const int64_t* label
         double total
         bint stop = False
+        # the lazy first layer (UNIT_LAZY_BLOCK): this block's samples s0..s0+nk-1,
+        # ``pending`` of them with their dz in gk and their steps not yet applied
+        int kb = UNIT_LAZY_BLOCK, nk = 0, pending = 0, j, s
+        Py_ssize_t s0 = it0, K = UNIT_LAZY_MAX, q = 64 // sizeof(floating)
+        floating* gk = b + ld          # kb rows of dz0[U_t], ld apart
+        floating* zb = gk + K * ld     # kb rows: x_j @ W0[:, U_t] at the block's start
+        floating* f = zb + K * ld      # the block's inputs, f[i * kb + j] = x_j[i]
+        floating* u = f + _up(n0 * K, q)  # the pending steps' factors, neg * x_j[i]
+        floating* c = u + _up(n0 * K, q)  # c[j * kb + s] = neg * x_j . x_s
+        unsigned char* flags = <unsigned char*>(c + _up(K * K, q))
+        bint finite
     w1 = <floating*>net.W[1] + c0 * n2  # rows U_t of W1
     _unit_copy_cols(block, ld, w0 + c0, n1, n0, units)
     memcpy(b, <floating*>net.b[0] + c0, units * sizeof(floating))
     x = X + (order[it0] if order != NULL else it0) * d
-    _forward_cols(x, n0, block, ld, units, z)
+    if kb:
+        memset(gk, 0, K * ld * sizeof(floating))  # (lanes past the units stay 0)
+        memset(flags, 0, n0)
+        nk = <int>min(<Py_ssize_t>kb, it1 - it0)
+        if not _lazy_block_inputs(X, d, order, s0, nk, kb, n0, neg, f, c, flags):
+            kb = 0
+    if kb:
+        _lazy_pass(kb, block, ld, n0, gk, u, f, flags, zb)  # no steps pending: products only
+        _lazy_steps_pending(u, f, n0 * kb, kb, neg, flags, n0)
+        if tid == 0:
+            net.lazy_passes += 1
+    else:
+        _forward_cols(x, n0, block, ld, units, z)
     for it in range(it0, it1):
         if not stop:
+            if kb:
+                j = <int>(it - s0)
+                if it + nk < it1:  # the next block's sample j, for _lazy_block_inputs
+                    nnf_prefetch_l2(X + (order[it + nk] if order != NULL else it + nk) * d,
+                                    n0 * sizeof(floating))
+                memcpy(z, zb + j * ld, units * sizeof(floating))
+                for s in range(j):
+                    _axpy(z, c[j * kb + s], gk + s * ld, units)
             _bias_activate_rows(z, b, a, <int>units, net.act[0], 0, 1)
             _small_forward_rows(a, 1, <int>units, n2, w1,
                                 partial + ((it & 1) * team + tid) * pld, 0, units)
@@ -2970,12 +3131,39 @@ cdef void _unit_split_worker(Net* net, const floating* X, Py_ssize_t d, const fl
                              <floating*>net.dW[1] + c0 * n2, g, a, net.act[0], opt, 2,
                              True, True, 1.0, 0, units)
         _axpy(b, neg, g, units)
+        if kb:
+            j = <int>(it - s0)
+            memcpy(gk + j * ld, g, units * sizeof(floating))
+            pending = j + 1
+            if pending == nk:  # the block's steps, and the next block's products
+                s0 = it + 1
+                nk = <int>min(<Py_ssize_t>kb, it1 - s0)
+                finite = True
+                if nk > 0:
+                    finite = _lazy_block_inputs(X, d, order, s0, nk, kb, n0, neg, f, c, flags)
+                else:
+                    for i in range(n0):
+                        flags[i] = flags[i] & 1
+                _lazy_pass(kb, block, ld, n0, gk, u, f, flags, zb)
+                _lazy_steps_pending(u, f, n0 * kb, kb, neg, flags, n0)
+                pending = 0
+                if tid == 0:
+                    net.lazy_passes += 1
+                if not finite:  # one step a sample from here: zb[0] is sample s0's z0
+                    kb = 0
+                    memcpy(z, zb, units * sizeof(floating))
+                    x = X + (order[s0] if order != NULL else s0) * d
+            continue
         x_next = X + (order[it + 1] if order != NULL else it + 1) * d if it + 1 < it1 else NULL
         _step_forward_cols(x, g, n0, block, ld, units, neg, x_next, z)
         x = x_next
     nnf_barrier()  # (a loss of the run's last sample is seen here)
     if tid == 0 and failed[0] < 0 and _unit_stopped(net, team, it1 - 1):
         failed[0] = it1 - 1
+    if pending > 0:  # the run stopped inside a block: the steps of the samples before
+        _lazy_flush(kb, pending, block, ld, n0, gk, u, f, flags, zb)
+        if tid == 0:
+            net.lazy_passes += 1
     _unit_write_back(net, block, ld, 1, c0, units)
 
 
@@ -3416,6 +3604,13 @@ cdef class NetworkPlan:
     def unit_split_iterations(self):
         """Iterations so far trained by the unit split (``_unit_split_run``)."""
         return self.net.unit_iterations
+
+    @property
+    def lazy_first_layer_passes(self):
+        """Passes over W0 so far of the unit split's lazy first layer (``UNIT_LAZY_BLOCK``):
+        one a run to start it, one a block of samples, one where a run stopped inside a
+        block."""
+        return self.net.lazy_passes
 
     @property
     def tail_split_iterations(self):

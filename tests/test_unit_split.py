@@ -443,3 +443,156 @@ def test_unit_split_with_momentum_continues_across_fits(team, short_runs):
     for a, b in zip(optimizer_state(runs[0][1]), optimizer_state(runs[1][1])):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
+
+
+# --- the lazy first layer (batch 1, plain SGD: the steps of W0 applied a block of
+# samples at a time, the next block's z0 from W0 then and the samples' dot products) ---
+
+class lazy_block:
+    """Context: the unit split's lazy first layer with blocks of ``samples`` (0: off)."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __enter__(self):
+        self.old = _kernels._set_unit_lazy_block(self.samples)
+
+    def __exit__(self, *exc):
+        _kernels._set_unit_lazy_block(self.old)
+
+
+def passes(model):
+    return model._workspace.plan.lazy_first_layer_passes
+
+
+def expected_passes(n, block, runs):
+    """One pass to start each run, one a block (the run's last included)."""
+    return 0 if not TAKEN or not block else runs * (1 + -(-n // block))
+
+
+@pytest.mark.parametrize("block", [4, 8])
+@pytest.mark.parametrize("sizes", [(203, 330, 10), (517, 130, 30, 5), (100, 40, 3)],
+                         ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("zeros", [False, True], ids=["dense", "zeros"])
+def test_lazy_first_layer_trains_as_a_step_every_sample(team, block, sizes, zeros):
+    # 150 samples: the last block of each epoch holds 6 (block 8) or 2 (block 4)
+    X, y = data(sizes, np.float64, zeros)
+    runs = []
+    for samples in (block, 0):
+        m = make(sizes, np.float64)
+        with lazy_block(samples):
+            h = train(m, X, y, True)
+        runs.append((m, h))
+    (m_lazy, h_lazy), (m_each, h_each) = runs
+    assert_ran(m_lazy, 2 * len(X))
+    assert passes(m_lazy) == expected_passes(len(X), block, 2)
+    assert passes(m_each) == 0
+    assert_close(m_lazy, m_each, h_lazy, h_each, 1e-9)
+    ref = make(sizes, np.float64, backend="numpy")
+    h_ref = ref.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.05), epochs=2,
+                    batch_size=1, seed=1)
+    assert_close(m_lazy, ref, h_lazy, h_ref, 1e-9)
+
+
+def test_lazy_first_layer_in_float32_against_the_numpy_backend(team):
+    # float32 rounding: the dot products are summed in another order than the forward
+    # pass, so the comparison is to float32's precision over 300 steps
+    sizes = (203, 330, 10)
+    X, y = data(sizes, np.float32)
+    m = make(sizes, np.float32)
+    with lazy_block(8):
+        h = train(m, X, y, True)
+    assert passes(m) == expected_passes(len(X), 8, 2)
+    ref = make(sizes, np.float32, backend="numpy")
+    h_ref = ref.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.05), epochs=2,
+                    batch_size=1, seed=1)
+    assert_close(m, ref, h, h_ref, 2e-4)
+
+
+class EveryBatch(nf.callbacks.Callback):
+    """A per-batch callback: fit then runs one iteration per call."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def on_batch_end(self, iteration, logs):
+        self.seen += 1
+
+
+def test_lazy_first_layer_in_runs_of_one_sample(team, short_runs):
+    # a per-batch callback makes every run a single sample: a block of one, started and
+    # ended in the same run
+    sizes = (203, 330, 10)
+    X, y = data(sizes, np.float64, n=40)
+    runs = []
+    for samples in (8, 0):
+        m, cb = make(sizes, np.float64), EveryBatch()
+        with lazy_block(samples):
+            h = train(m, X, y, True, epochs=1, callbacks=[cb])
+        assert cb.seen == len(X)
+        runs.append((m, h))
+    assert_ran(runs[0][0], len(X))
+    assert passes(runs[0][0]) == expected_passes(1, 8, len(X))
+    assert_close(runs[0][0], runs[1][0], runs[0][1], runs[1][1], 1e-9)
+
+
+def test_lazy_first_layer_is_deterministic_whatever_the_alignment(team):
+    with lazy_block(8):
+        assert_same_bits_at_every_alignment((0, 4, 8, 12, 16))
+
+
+@pytest.mark.parametrize("bad", [64, 71, 99], ids=["block-start", "block-end", "run-end"])
+def test_divergence_inside_a_lazy_block_keeps_the_steps_before_it(team, short_runs, bad):
+    # 100 samples in blocks of 8: sample 64 starts a block (nothing pending), 71 ends
+    # one (7 steps pending), 99 is the last of the run's short block (3 pending). A
+    # target of 1e200 makes the squared error infinite at that sample alone.
+    sizes = (203, 330, 10)
+    X, _ = data(sizes, np.float64, n=100)
+    T = np.random.default_rng(7).random((100, 10))
+    T[bad] = 1e200
+    results = []
+    for samples in (8, 0):
+        m = make(sizes, np.float64, last="linear")
+        with lazy_block(samples), unit_split(True), pytest.raises(nf.DivergenceError) as err:
+            m.fit(X, T, loss="mse", optimizer=nf.SGD(lr=0.002), epochs=1, batch_size=1,
+                  shuffle=False)
+        assert len(err.value.history.batch_losses) == bad
+        results.append((m, err.value.history))
+    (m_lazy, h_lazy), (m_each, h_each) = results
+    assert_ran(m_lazy, bad)
+    pending = bad % 8
+    assert passes(m_lazy) == (0 if not TAKEN else 1 + bad // 8 + (pending > 0))
+    assert_close(m_lazy, m_each, h_lazy, h_each, 1e-9)
+
+
+@pytest.mark.parametrize("bad", [64, 71], ids=["block-start", "block-end"])
+def test_inputs_whose_dot_products_overflow_take_a_step_every_sample(team, short_runs, bad):
+    # x . x overflows for the row of 1e308: the block holding it, and the rest of the
+    # run, go one step a sample, and the run stops at that row as it does there (z0 is
+    # infinite; in the block, inf - inf would have been NaN, which ReLU makes 0)
+    sizes = (203, 330, 10)
+    X, y = data(sizes, np.float64, n=100)
+    X[bad] = 1e308
+    results = []
+    for samples in (8, 0):
+        m = make(sizes, np.float64)
+        with lazy_block(samples), unit_split(True), pytest.raises(nf.DivergenceError) as err:
+            m.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(lr=0.1), epochs=1,
+                  batch_size=1, shuffle=False)
+        assert len(err.value.history.batch_losses) == bad
+        results.append((m, err.value.history))
+    (m_lazy, h_lazy), (m_each, h_each) = results
+    assert_ran(m_lazy, bad)
+    assert passes(m_lazy) == (0 if not TAKEN else 1 + bad // 8)
+    assert_close(m_lazy, m_each, h_lazy, h_each, 1e-9)
+
+
+def test_lazy_block_setting_is_checked_and_returns_the_previous_one():
+    old = _kernels._set_unit_lazy_block(4)
+    try:
+        assert _kernels._set_unit_lazy_block(0) == 4
+        with pytest.raises(ValueError, match="samples"):
+            _kernels._set_unit_lazy_block(3)
+        assert _kernels._set_unit_lazy_block(8) == 0
+    finally:
+        _kernels._set_unit_lazy_block(old)
