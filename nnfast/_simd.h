@@ -18,6 +18,17 @@
  * 0.91 at 8. Narrow layers (64-128-10) lose from 4 rows on (0.92 at 4, 0.72 at 6) and win
  * below (1.38 at 3). */
 #define NNF_SMALL_BATCH 4
+/* Samples whose first-layer steps the unit split applies in one pass at batch 1
+ * (UNIT_LAZY_BLOCK in _kernels.pyx; 0: a pass a sample). The blocked pass is bound by
+ * its FMAs, two a weight a sample, and the pass a sample by the L2 cache: on 512-bit
+ * vectors the FMAs are the cheaper (A/1, Zen 5, 2 threads, in-process A/B: 1.2-1.4x),
+ * on 256-bit ones not (the AVX2 build on the same CPU: 0.91x with blocks of 4, 0.93x
+ * with 8). */
+#if defined(__AVX512F__)
+#define NNF_LAZY_BLOCK 8
+#else
+#define NNF_LAZY_BLOCK 0
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
 #define NNF_SMALL_BATCH_LARGE 4
 #define NNF_SMALL_BATCH_SPLIT 8
