@@ -206,6 +206,10 @@ static inline void nnf_##P##rows_forward(const T *x, const T *w, long ld, long i
         z[q] = acc;                                                                   \
     }                                                                                 \
 }
+/* the loops above for one vector type (S: the strip of nnf_*rows_forward) */
+#define NNF_LOOP_KERNELS(P, T, V, W, LOAD, STORE, SET1, FMADD, ZERO, S)                  \
+    NNF_BLOCK_PASSES(P, T, V, W, LOAD, STORE, SET1, FMADD, ZERO)                        \
+    NNF_ROWS_FORWARD(P, T, V, W, LOAD, STORE, SET1, FMADD, ZERO, S)
 #define NNF_DOT_AXPY(P, T, V, W, LOAD, STORE, SET1, FMADD, ZERO, ADD, HSUM)             \
     NNF_DOT(P, T, V, W, LOAD, FMADD, ZERO, ADD, HSUM)                                  \
     NNF_AXPY(P, T, V, W, LOAD, STORE, SET1, FMADD)
@@ -235,27 +239,19 @@ NNF_AXPY(s, float, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps
          _mm512_fmadd_ps)
 NNF_AXPY(d, double, __m512d, 8, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_set1_pd,
          _mm512_fmadd_pd)
-NNF_BLOCK_PASSES(s, float, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps,
-                 _mm512_fmadd_ps, _mm512_setzero_ps)
-NNF_BLOCK_PASSES(d, double, __m512d, 8, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_set1_pd,
-                 _mm512_fmadd_pd, _mm512_setzero_pd)
-NNF_ROWS_FORWARD(s, float, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps,
-                 _mm512_fmadd_ps, _mm512_setzero_ps, 8)
-NNF_ROWS_FORWARD(d, double, __m512d, 8, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_set1_pd,
-                 _mm512_fmadd_pd, _mm512_setzero_pd, 8)
+NNF_LOOP_KERNELS(s, float, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps,
+                 _mm512_set1_ps, _mm512_fmadd_ps, _mm512_setzero_ps, 8)
+NNF_LOOP_KERNELS(d, double, __m512d, 8, _mm512_loadu_pd, _mm512_storeu_pd,
+                 _mm512_set1_pd, _mm512_fmadd_pd, _mm512_setzero_pd, 8)
 #else
 NNF_DOT_AXPY(s, float, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
              _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_add_ps, nnf_hsum_ps)
 NNF_DOT_AXPY(d, double, __m256d, 4, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd,
              _mm256_fmadd_pd, _mm256_setzero_pd, _mm256_add_pd, nnf_hsum_pd)
-NNF_BLOCK_PASSES(s, float, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
-                 _mm256_fmadd_ps, _mm256_setzero_ps)
-NNF_BLOCK_PASSES(d, double, __m256d, 4, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd,
-                 _mm256_fmadd_pd, _mm256_setzero_pd)
-NNF_ROWS_FORWARD(s, float, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
-                 _mm256_fmadd_ps, _mm256_setzero_ps, 8)
-NNF_ROWS_FORWARD(d, double, __m256d, 4, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_set1_pd,
-                 _mm256_fmadd_pd, _mm256_setzero_pd, 8)
+NNF_LOOP_KERNELS(s, float, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps,
+                 _mm256_set1_ps, _mm256_fmadd_ps, _mm256_setzero_ps, 8)
+NNF_LOOP_KERNELS(d, double, __m256d, 4, _mm256_loadu_pd, _mm256_storeu_pd,
+                 _mm256_set1_pd, _mm256_fmadd_pd, _mm256_setzero_pd, 8)
 #endif
 /* Narrow rows (W to 2W lanes: 8-16 floats, 4-8 doubles; a 10-class output layer): two
  * vectors cover a row, [0, W) and [n-W, n), overlapping when n < 2W. The axpy loads both
@@ -358,13 +354,9 @@ NNF_DOT_AXPY(s, float, __m128, 4, _mm_loadu_ps, _mm_storeu_ps, _mm_set1_ps,
              NNF_SSE_FMADD_PS, _mm_setzero_ps, _mm_add_ps, nnf_hsum_ps)
 NNF_DOT_AXPY(d, double, __m128d, 2, _mm_loadu_pd, _mm_storeu_pd, _mm_set1_pd,
              NNF_SSE_FMADD_PD, _mm_setzero_pd, _mm_add_pd, nnf_hsum_pd)
-NNF_BLOCK_PASSES(s, float, __m128, 4, _mm_loadu_ps, _mm_storeu_ps, _mm_set1_ps,
-                 NNF_SSE_FMADD_PS, _mm_setzero_ps)
-NNF_BLOCK_PASSES(d, double, __m128d, 2, _mm_loadu_pd, _mm_storeu_pd, _mm_set1_pd,
-                 NNF_SSE_FMADD_PD, _mm_setzero_pd)
-NNF_ROWS_FORWARD(s, float, __m128, 4, _mm_loadu_ps, _mm_storeu_ps, _mm_set1_ps,
+NNF_LOOP_KERNELS(s, float, __m128, 4, _mm_loadu_ps, _mm_storeu_ps, _mm_set1_ps,
                  NNF_SSE_FMADD_PS, _mm_setzero_ps, 4)
-NNF_ROWS_FORWARD(d, double, __m128d, 2, _mm_loadu_pd, _mm_storeu_pd, _mm_set1_pd,
+NNF_LOOP_KERNELS(d, double, __m128d, 2, _mm_loadu_pd, _mm_storeu_pd, _mm_set1_pd,
                  NNF_SSE_FMADD_PD, _mm_setzero_pd, 4)
 #else
 static inline float nnf_sdot(const float *a, const float *b, long n) {
@@ -407,14 +399,10 @@ NNF_STEP_FORWARD4(d, double)
 #define NNF_SCALAR_SET1(x) (x)
 #define NNF_SCALAR_FMADD(a, b, c) ((a) * (b) + (c))
 #define NNF_SCALAR_ZERO() 0
-NNF_BLOCK_PASSES(s, float, float, 1, NNF_SCALAR_LOAD, NNF_SCALAR_STORE, NNF_SCALAR_SET1,
-                 NNF_SCALAR_FMADD, NNF_SCALAR_ZERO)
-NNF_BLOCK_PASSES(d, double, double, 1, NNF_SCALAR_LOAD, NNF_SCALAR_STORE, NNF_SCALAR_SET1,
-                 NNF_SCALAR_FMADD, NNF_SCALAR_ZERO)
-NNF_ROWS_FORWARD(s, float, float, 1, NNF_SCALAR_LOAD, NNF_SCALAR_STORE, NNF_SCALAR_SET1,
-                 NNF_SCALAR_FMADD, NNF_SCALAR_ZERO, 4)
-NNF_ROWS_FORWARD(d, double, double, 1, NNF_SCALAR_LOAD, NNF_SCALAR_STORE, NNF_SCALAR_SET1,
-                 NNF_SCALAR_FMADD, NNF_SCALAR_ZERO, 4)
+NNF_LOOP_KERNELS(s, float, float, 1, NNF_SCALAR_LOAD, NNF_SCALAR_STORE,
+                 NNF_SCALAR_SET1, NNF_SCALAR_FMADD, NNF_SCALAR_ZERO, 4)
+NNF_LOOP_KERNELS(d, double, double, 1, NNF_SCALAR_LOAD, NNF_SCALAR_STORE,
+                 NNF_SCALAR_SET1, NNF_SCALAR_FMADD, NNF_SCALAR_ZERO, 4)
 #endif
 
 #ifndef NNF_NARROW_STUBS
