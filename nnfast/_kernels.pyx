@@ -48,6 +48,7 @@ cdef extern from "_smallgemm.h":
     enum:
         NNF_HAVE_SMALL_GEMM
         NNF_PANEL_WIDTH
+        NNF_HAND_MAX_WEIGHTS
     ctypedef struct nnf_epilogue:
         const float* bias
         float* act
@@ -431,8 +432,10 @@ cdef Py_ssize_t HAND_MIN_COLS = 16
 # kernels: A/128 1.034x, A/512 1.025x. C's layers (4.2M and 16.8M weights) keep gemm:
 # there the hand kernels re-read A from L3 for every 16-column panel (C/256, 2 threads:
 # every dW on them 0.894x, every forward product 0.999x; with A^T packed, nnf_pack_a, C's
-# dW products alone on them still 0.76-0.82x gemm).
-cdef Py_ssize_t HAND_MAX_WEIGHTS = 262144
+# dW products alone on them still 0.76-0.82x gemm). Those measurements are the AVX2
+# build's on a Zen 4 and the AVX-512 build's; the AVX2 build ships with the rule off
+# (NNF_HAND_MAX_WEIGHTS, _smallgemm.h: on a Zen 3 gemm wins).
+cdef Py_ssize_t HAND_MAX_WEIGHTS = NNF_HAND_MAX_WEIGHTS
 
 
 cdef inline bint _hand_product(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,

@@ -16,10 +16,19 @@ import pytest
 import nnfast as nf
 from nnfast._compiled import kernels as _kernels
 
-from knobs import knob
+from knobs import hand_weights_rule, knob
 
 hand_kernels = pytest.mark.skipif(not _kernels.compiled_isa() != "generic",
                                   reason="the portable build has no hand products")
+
+
+@pytest.fixture(autouse=True)
+def _weights_rule_on():
+    """Products past the row limits take the hand kernels (and so their epilogues) under
+    HAND_MAX_WEIGHTS, which the AVX2 build ships off: here it is on in every build, so
+    that the same products are fused in both."""
+    with hand_weights_rule():
+        yield
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import pytest
 import nnfast as nf
 from nnfast._compiled import kernels as _kernels
 
-from knobs import knob
+from knobs import RULE_MAX_WEIGHTS, hand_weights_rule, knob
 
 GEMM_ONLY = (1, 1, 1)
 HAND_ONLY = (16, 16, 16)
@@ -227,8 +227,10 @@ def test_small_products_reject_bad_shapes():
 def test_hand_product_limits_knob_round_trips():
     old = _kernels._set_hand_product_limits(0, 0, 0, 0)
     try:
-        # HAND_MIN_COLS and HAND_MAX_WEIGHTS as shipped
-        assert len(old) == 6 and old[4] == 16 and old[5] == 262144
+        # HAND_MIN_COLS and HAND_MAX_WEIGHTS as shipped (the weights rule only in the
+        # AVX-512 build: _smallgemm.h)
+        assert len(old) == 6 and old[4] == 16
+        assert old[5] == (RULE_MAX_WEIGHTS if _kernels.compiled_isa() == "avx512" else 0)
         assert _kernels._set_hand_product_limits(1, 2, 3, 4, 7, 9)[:4] == (0, 0, 0, 0)
         assert _kernels._set_hand_product_limits(1, 2, 3, 4) == (1, 2, 3, 4, 7, 9)
         assert _kernels._set_hand_product_limits(1, 2, 3, 4)[4:] == (7, 9)  # -1: unchanged
@@ -364,14 +366,19 @@ def test_packed_transposed_a_changes_nothing_but_the_speed(threaded, threads):
 def test_small_weights_take_the_hand_kernels_at_any_batch(form, threads):
     """A layer of at most HAND_MAX_WEIGHTS weights (A's 784 x 256) takes the hand kernels
     at 300 rows, far above the row limits, while its columns make two 16-wide panels a
-    thread (not on 9 threads); a larger one (1024 x 300) keeps gemm there. The route
-    shows in the rounding (inner dimensions over 256: the hand kernels add the first 256
-    terms into C, then the rest)."""
+    thread (not on 9 threads); a larger one (1024 x 300) keeps gemm there. That is the
+    AVX-512 build as shipped; the AVX2 build ships the rule off, and both layers keep
+    gemm. The route shows in the rounding (inner dimensions over 256: the hand kernels
+    add the first 256 terms into C, then the rest)."""
     rng = np.random.default_rng(8)
     old_threads = nf.get_num_threads()
     nf.set_num_threads(threads)
     try:
-        _small_weights_route(form, rng, "hand" if threads < 9 else "gemm")
+        with hand_weights_rule():
+            _small_weights_route(form, rng, "hand" if threads < 9 else "gemm")
+        # as shipped: the AVX2 build has the rule off, so such a layer keeps gemm
+        shipped = "hand" if _kernels.compiled_isa() == "avx512" and threads < 9 else "gemm"
+        _small_weights_route(form, rng, shipped)
     finally:
         nf.set_num_threads(old_threads)
 
