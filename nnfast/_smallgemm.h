@@ -21,13 +21,13 @@
 #include "_simd.h"
 
 /* HAND_MAX_WEIGHTS's default (_kernels.pyx): every product of a layer of at most this
- * many weights takes these kernels at any number of rows. With 512-bit tiles they win
- * (A/512, Zen 4 and Zen 5); with 256-bit ones, on a Zen 3 (AVX2, 512 KB of L2 a core),
- * OpenBLAS's gemm beats them on A's layers past the row limits: in-process A/B in
- * training, 2 threads, the rule off against on, A/64 1.09x, A/128 1.01-1.04x, A/192
- * 1.05x, A/256 1.02x, A/512 1.03-1.05x, A/1024 1.03x, B/32 and B/256 1.00x. (On a Zen 4,
- * before the AVX-512 build, the AVX2 rule measured A/512 1.05x on; Zen 4 takes the
- * AVX-512 build now.) */
+ * many weights takes these kernels at any number of rows. The rule was measured on in
+ * the AVX2 build on a Zen 4 (A/512 1.05x in training), and the 512-bit tiles run A/512's
+ * products at the sgemm peak (Zen 5, 2 threads: 427-452 GFLOP/s). On a Zen 3 (AVX2,
+ * 512 KB of L2 a core) OpenBLAS's gemm beats the 256-bit tiles past the row limits:
+ * in-process A/B in training, 2 threads, the rule off against on, A/64 1.09x, A/128
+ * 1.01-1.04x, A/192 1.05x, A/256 1.02x, A/512 1.03-1.05x, A/1024 1.03x, B/32 1.00x,
+ * B/256 0.99x. Zen 4 takes the AVX-512 build now, so the AVX2 build ships it off. */
 #if defined(__AVX512F__)
 #define NNF_HAND_MAX_WEIGHTS 262144
 #else
