@@ -21,8 +21,8 @@
 #include "_simd.h"
 
 /* HAND_MAX_WEIGHTS's default (_kernels.pyx): every product of a layer of at most this
- * many weights takes these kernels at any number of rows. The rule was measured on in
- * the AVX2 build on a Zen 4 (A/512 1.05x in training), and the 512-bit tiles run A/512's
+ * many weights takes these kernels at any number of rows. On a Zen 4 the AVX2 build ran
+ * A/512 1.05x faster in training with the rule on than off, and the 512-bit tiles run A/512's
  * products at the sgemm peak (Zen 5, 2 threads: 427-452 GFLOP/s). On a Zen 3 (AVX2,
  * 512 KB of L2 a core) OpenBLAS's gemm beats the 256-bit tiles past the row limits:
  * in-process A/B in training, 2 threads, the rule off against on, A/64 1.09x, A/128
