@@ -1225,6 +1225,11 @@ cdef Py_ssize_t SMALL_BATCH_SPLIT = NNF_SMALL_BATCH_SPLIT
 # Networks with at most this many parameters train batches of ROW_SPLIT_MIN_BATCH rows
 # or more in one parallel region per iteration (``_net_iteration_split``); larger ones
 # split every product instead (A, 235K parameters, through the split: 0.93-1.10x).
+# Remeasured on a Zen 3 (AVX2 build, gemm for A's products), in-process A/B, median of
+# 11-21 interleaved pairs, limit raised to 2^22 against this one: A/512 1.011-1.022x,
+# A/256 1.015x, A/128 0.992-1.028x, A/64 0.995x, A/2048 1.005x; with the split's
+# backward rows all before one barrier, A/512 0.987-1.018x and B/256 0.985x. Within
+# that VM's noise, so the limit stays.
 cdef Py_ssize_t ROW_SPLIT_MAX_PARAMS = 65536
 # fewest rows a thread gets in a row split (below it the fork/join costs more than it
 # saves; B/8 on 2 threads: 4 rows per thread 0.96x of one thread, B/6 at 3 rows 0.64x)
