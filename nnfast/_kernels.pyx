@@ -365,6 +365,14 @@ cdef inline int _panel_chunk(int n, int nthreads) noexcept nogil:
             // NNF_PANEL_WIDTH) * NNF_PANEL_WIDTH
 
 
+# The blocks are equal on purpose. Tried on the 2-core Zen 3 VM: blocks sized to each
+# thread's speed as measured in the previous calls (the two cores ran the same sgemm
+# 10-20 % apart, which one was slower changing by the second). In-process A/B at A/512,
+# 9 pairs: 1.010x and 1.015x; the waits it removes are mostly zero-sum there (a core
+# runs faster while the other waits). And OpenBLAS's float32 results depend on where
+# C is split: no block size from 1 to 192 rows or columns gives the unsplit product's
+# bits in every probed shape (float64's do), so a timing-dependent split would end the
+# bit-identical results for a given seed and thread count. Not kept.
 cdef void _pgemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
                  floating* a, int lda, floating* b, int ldb, floating beta,
                  floating* c, int ldc) noexcept nogil:
@@ -1228,8 +1236,9 @@ cdef Py_ssize_t SMALL_BATCH_SPLIT = NNF_SMALL_BATCH_SPLIT
 # Remeasured on a Zen 3 (AVX2 build, gemm for A's products), in-process A/B, median of
 # 11-21 interleaved pairs, limit raised to 2^22 against this one: A/512 1.011-1.022x,
 # A/256 1.015x, A/128 0.992-1.028x, A/64 0.995x, A/2048 1.005x; with the split's
-# backward rows all before one barrier, A/512 0.987-1.018x and B/256 0.985x. Within
-# that VM's noise, so the limit stays.
+# backward rows all before one barrier, A/512 0.987-1.018x and B/256 0.985x. Again on
+# a noisier day, 15-31 pairs: A/512 1.036x, 1.026x, 1.015x, 1.000x; A/256 0.978x, 0.964x,
+# 0.996x; A/128 1.030x; A/1024 0.980x. Within that VM's noise, so the limit stays.
 cdef Py_ssize_t ROW_SPLIT_MAX_PARAMS = 65536
 # fewest rows a thread gets in a row split (below it the fork/join costs more than it
 # saves; B/8 on 2 threads: 4 rows per thread 0.96x of one thread, B/6 at 3 rows 0.64x)
@@ -2363,7 +2372,9 @@ cdef bint _gather_batch(const floating* X, Py_ssize_t d, const floating* T, Py_s
     returns whether those rows of X are finite (else True). Split across threads
     for large batches: the rows are scattered over all of X, so each copy waits on
     memory (rows of 784 floats out of 60,000, C microbenchmark: 512 rows 263 -> 149 us on
-    two threads, 128 rows 69 -> 42 us, 64 rows 25 -> 16 us; an A/512 step is ~5 ms)."""
+    two threads, 128 rows 69 -> 42 us, 64 rows 25 -> 16 us; an A/512 step is ~5 ms).
+    All of the gather's cost in training, the upper bound for hiding it: A/512 unshuffled
+    (no gather) against shuffled, same model, 11 interleaved pairs, 1.026x."""
     cdef:
         int nthreads = _threads_for(<double>m * (d + kt)), t
         int bad = 0
