@@ -15,6 +15,7 @@ Environment variables (all optional):
   -mavx512dq -mavx512bw -mavx512vl`` as well), picked over the AVX2 one on CPUs that
   run those (its hand matrix products use 512-bit tiles).
 """
+import glob
 import os
 import platform
 import shutil
@@ -104,9 +105,10 @@ def _kernels_extension(name, extra_args=()):
     return Extension(
         f"nnfast.{name}",
         [f"nnfast/{name}.pyx"],
-        # the C helpers and the shared kernel source: edits to them rebuild both modules
-        depends=["nnfast/_kernels.pyx", "nnfast/_simd.h", "nnfast/_smallgemm.h",
-                 "nnfast/_omp_shim.h", "nnfast/_hugealloc.h"],
+        # the C helpers and the shared kernel source: edits to them rebuild every build
+        depends=["nnfast/_kernels.pyx", *sorted(glob.glob("nnfast/_kernels_*.pxi")),
+                 "nnfast/_simd.h", "nnfast/_smallgemm.h", "nnfast/_omp_shim.h",
+                 "nnfast/_hugealloc.h"],
         include_dirs=[numpy.get_include()],
         extra_compile_args=compile_args + list(extra_args),
         extra_link_args=link_args,
