@@ -21,6 +21,10 @@ from ._validation import positive_int
 
 _state = {"threads": None, "applied": False}
 
+# More threads than any machine this engine targets has cores (OpenMP would start them
+# all); also keeps the count within the kernels' C int.
+MAX_THREADS = 4096
+
 
 def _default_threads() -> int:
     from ._compiled import kernels
@@ -50,11 +54,14 @@ def _apply(n: int) -> None:
 def set_num_threads(n: int) -> None:
     """Use ``n`` threads: OpenMP in the kernels and BLAS in the NumPy backend.
 
-    Raises ``ValueError``/``TypeError`` when ``n`` is not a positive integer.
+    Raises ``ValueError``/``TypeError`` when ``n`` is not an integer from 1 to
+    ``MAX_THREADS``.
     """
     n = positive_int(n, "n")
-    _state["threads"] = n
+    if n > MAX_THREADS:
+        raise ValueError(f"n must be at most {MAX_THREADS} threads, got {n}")
     _apply(n)
+    _state["threads"] = n
     _state["applied"] = True
 
 

@@ -129,11 +129,14 @@ class EarlyStopping(Callback):
     def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0,
                  mode: str = "auto", restore_best_weights: bool = False):
         from ._validation import real_number
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        import numpy as np
+        from ._validation import check_bool
+        if (isinstance(patience, (bool, np.bool_)) or not isinstance(patience, (int, np.integer))
+                or patience < 0):
             raise ValueError(f"patience must be an int >= 0, got {patience!r}")
         self.patience = int(patience)
         self.min_delta = real_number(min_delta, "min_delta", low=0)
-        self.restore_best_weights = bool(restore_best_weights)
+        self.restore_best_weights = check_bool(restore_best_weights, "restore_best_weights")
         self._track = _Improvement(monitor, mode, self.min_delta)
         self.monitor = self._track.monitor
         self.mode = self._track.mode
@@ -182,6 +185,23 @@ class EarlyStopping(Callback):
                 f"restore_best_weights={self.restore_best_weights})")
 
 
+def _check_path_format(path: str) -> None:
+    """Reject a ModelCheckpoint path that ``str.format`` cannot fill (a stray brace, a
+    positional field, a format spec that fits neither an int epoch nor a float log value)
+    before training rather than after the first epoch."""
+    import string
+    try:
+        fields = {name.split(".")[0].split("[")[0]
+                  for _, name, _, _ in string.Formatter().parse(path) if name is not None}
+        if "" in fields:
+            raise ValueError("positional field {}")
+        path.format(**{f: 1.0 for f in fields if f != "epoch"}, epoch=1)
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as exc:
+        raise ValueError(f"ModelCheckpoint: path {path!r} is not a valid format string "
+                         f"({exc}); use fields such as {{epoch:03d}} or {{val_loss:.4f}}") \
+            from None
+
+
 class ModelCheckpoint(Callback):
     """Save the model after every epoch (or only when ``monitor`` improved).
 
@@ -208,12 +228,11 @@ class ModelCheckpoint(Callback):
 
     def __init__(self, path, monitor: str = "val_loss", save_best_only: bool = False,
                  mode: str = "auto", optimizer=None):
-        try:
-            self.path = _os.fspath(path)
-        except TypeError:
-            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") \
-                from None
-        self.save_best_only = bool(save_best_only)
+        from ._validation import check_bool
+        from .io import _fspath
+        self.path = _fspath(path)
+        _check_path_format(self.path)
+        self.save_best_only = check_bool(save_best_only, "save_best_only")
         self._track = _Improvement(monitor, mode)
         self.monitor = self._track.monitor
         self.mode = self._track.mode

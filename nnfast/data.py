@@ -12,11 +12,12 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
-from ._validation import positive_int
+from ._validation import check_bool, check_seed, positive_int
 
 
 def resolve_batch_size(n_samples: int, batch_size: Optional[int]) -> int:
     """``None`` or anything larger than N means full batch."""
+    n_samples = positive_int(n_samples, "n_samples")
     if batch_size is None:
         return n_samples
     return min(positive_int(batch_size, "batch_size"), n_samples)
@@ -25,7 +26,7 @@ def resolve_batch_size(n_samples: int, batch_size: Optional[int]) -> int:
 def iterations_per_epoch(n_samples: int, batch_size: Optional[int],
                          drop_last: bool = False) -> int:
     bs = resolve_batch_size(n_samples, batch_size)
-    return n_samples // bs if drop_last else math.ceil(n_samples / bs)
+    return n_samples // bs if check_bool(drop_last, "drop_last") else math.ceil(n_samples / bs)
 
 
 def steps_per_epoch(n_samples: int, batch_size: Optional[int], accumulate: int = 1,
@@ -63,6 +64,9 @@ def batches(X, y=None, batch_size: Optional[int] = 32, shuffle: bool = True,
         if y.ndim < 1 or y.shape[0] != n:
             raise ValueError(f"y has {y.shape[0] if y.ndim else 0} rows but X has {n}")
     bs = resolve_batch_size(n, batch_size)
+    shuffle = check_bool(shuffle, "shuffle")
+    drop_last = check_bool(drop_last, "drop_last")
+    seed = check_seed(seed)
     if drop_last and batch_size is not None and batch_size > n:
         raise ValueError(f"drop_last=True with batch_size={batch_size} > {n} samples leaves "
                          "no batch")

@@ -166,7 +166,14 @@ def model_arrays(model, optimizer=None, extra_header=None) -> dict:
 
 def save(model, path, optimizer=None) -> None:
     """Write ``model`` (and ``optimizer``'s state, if given) to ``path`` atomically."""
-    atomic_write_npz(path, model_arrays(model, optimizer))
+    from .model import Sequential
+    from .optim import Optimizer
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model must be an nnfast Sequential, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        raise TypeError("optimizer must be an nnfast Optimizer instance or None, got "
+                        f"{type(optimizer).__name__}")
+    atomic_write_npz(_fspath(path), model_arrays(model, optimizer))
 
 
 def _fspath(path) -> str:
@@ -175,7 +182,10 @@ def _fspath(path) -> str:
     except TypeError:
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") \
             from None
-    return os.fsdecode(path) if isinstance(path, bytes) else path
+    path = os.fsdecode(path) if isinstance(path, bytes) else path
+    if not path:
+        raise ValueError("path must not be empty")
+    return path
 
 
 def read_npz(path):

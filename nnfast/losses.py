@@ -49,7 +49,8 @@ def is_classification(loss: str) -> bool:
     return loss in ("cross_entropy", "binary_cross_entropy")
 
 
-def prepare_targets(loss: str, y, n_samples: int, n_outputs: int, dtype, name: str = "y"):
+def prepare_targets(loss: str, y, n_samples: int, n_outputs: int, dtype, name: str = "y",
+                    x_name: str = "X"):
     """Validate ``y`` for ``loss`` and return ``(code, T, labels)`` for the kernels.
 
     ``T`` is a C-contiguous (M, K) array in the model dtype (an empty (0, K) array for
@@ -63,7 +64,7 @@ def prepare_targets(loss: str, y, n_samples: int, n_outputs: int, dtype, name: s
     if arr.ndim not in (1, 2):
         raise ValueError(f"{name} must be 1-D or 2-D, got {arr.ndim}-D with shape {arr.shape}")
     if arr.shape[0] != n_samples:
-        raise ValueError(f"{name} has {arr.shape[0]} rows but X has {n_samples}")
+        raise ValueError(f"{name} has {arr.shape[0]} rows but {x_name} has {n_samples}")
 
     if loss == "cross_entropy" and arr.ndim == 1:
         if arr.dtype.kind == "f":

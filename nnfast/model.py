@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import _thread
 import functools
+import weakref
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -25,6 +26,20 @@ from .layers import SOFTMAX, Dense
 
 # Rows per chunk in predict/evaluate, so a large X never makes a giant temporary.
 _CHUNK_ELEMS = 1 << 20
+
+# layer -> the models it belongs to (a WeakSet: more than one after copy.copy(model),
+# which shares the layers). A new model built from the same Dense would initialise its
+# arrays afresh while the models holding it, and their compiled plans, still used the
+# old ones: refused while any of them lives.
+_LAYER_OWNERS = weakref.WeakKeyDictionary()
+
+
+def _has_owner(layer) -> bool:
+    return len(_LAYER_OWNERS.get(layer, ())) > 0
+
+
+def _add_owner(layer, model) -> None:
+    _LAYER_OWNERS.setdefault(layer, weakref.WeakSet()).add(model)
 
 
 _IN_USE = ("this model is in use by another thread (fit, predict, evaluate, "
@@ -108,6 +123,11 @@ class Sequential:
                 raise ValueError(f"softmax is allowed on the last layer only (layers[{i}])")
         if len(set(map(id, layers))) != len(layers):
             raise ValueError("the same Dense instance appears twice in layers")
+        for i, layer in enumerate(layers):
+            if _has_owner(layer):
+                raise ValueError(f"layers[{i}] already belongs to another model; layers "
+                                 "cannot be shared between models: create new Dense layers "
+                                 "(copy.deepcopy(model) copies a whole model)")
         seed = check_seed(seed)
         self.layers: List[Dense] = list(layers)
         self.dtype = check_dtype(dtype)
@@ -116,10 +136,12 @@ class Sequential:
         rng = np.random.default_rng(seed)
         for layer in self.layers:
             layer.build(rng, self.dtype)
+            _add_owner(layer, self)
         self._grad_count = 0
         self._workspace: Optional[Workspace] = None
         self._restart_copies = None       # fit's copies of the parameters (training.py)
         self._guard = _ModelGuard()
+        self._fitting = False             # inside fit (training.py refuses a nested fit)
         self.loss: Optional[str] = None   # loss of the last fit / compute_gradients
         self.history = None               # History of the latest fit (updated as it runs)
 
@@ -128,11 +150,13 @@ class Sequential:
         # are per instance
         state = dict(self.__dict__)
         state["_guard"] = None
+        state["_fitting"] = False
         state["_workspace"] = None
         state["_restart_copies"] = None
         return state
 
     def __setstate__(self, state):
+        self._fitting = False   # (files of versions before it had none)
         self.__dict__.update(state)
         self._guard = _ModelGuard()
         # pickle's arrays start off a cache line; a shallow copy shares the layers (and
@@ -140,6 +164,7 @@ class Sequential:
         for layer in self.layers:
             for name in ("W", "b", "dW", "db"):
                 setattr(layer, name, _memory.on_line(getattr(layer, name)))
+            _add_owner(layer, self)   # a copy's own layers, or a shallow copy's shared ones
 
     # --- description -------------------------------------------------------------------
     @property

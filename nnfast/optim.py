@@ -13,7 +13,10 @@ import numpy as np
 
 from . import _memory
 from ._interrupt import deferred_sigint
-from ._validation import real_number
+from ._validation import check_bool, real_number
+
+# the most steps a loaded state may claim (the kernels take the count as a C long)
+MAX_ITERATIONS = 2 ** 62
 
 
 class Optimizer:
@@ -39,6 +42,11 @@ class Optimizer:
                 raise ValueError(f"this optimizer holds state of shapes {mine}, which does "
                                  f"not fit this model (it needs {theirs}); create a new "
                                  "optimizer for it")
+            dtypes = {v.dtype.name for st in self._state for v in st.values()}
+            if dtypes - {model.dtype.name}:
+                raise ValueError(f"this optimizer holds {', '.join(sorted(dtypes))} state, "
+                                 f"which does not fit this {model.dtype.name} model; create "
+                                 "a new optimizer for it")
         self._model_ref = weakref.ref(model)
         if not self._state:
             self._state = [self._new_state(p) for p, _ in model._params_and_grads()]
@@ -64,6 +72,8 @@ class Optimizer:
 
     def _new_state(self, param: np.ndarray) -> Dict[str, np.ndarray]:
         return {}
+
+    _nonnegative_state = ()   # state keys that can never be negative (load_state checks)
 
     def step(self, model) -> None:
         """Update ``model``'s parameters with its averaged accumulated gradient, then
@@ -117,8 +127,9 @@ class Optimizer:
         Everything is checked before anything changes: on ValueError the optimizer is
         left as it was."""
         if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) \
-                or iterations < 0:
-            raise ValueError(f"optimizer iterations must be an int >= 0, got {iterations!r}")
+                or not 0 <= iterations <= MAX_ITERATIONS:
+            raise ValueError(f"optimizer iterations must be an int in [0, {MAX_ITERATIONS}], "
+                             f"got {iterations!r}")
         fresh = [self._new_state(p) for p, _ in model._params_and_grads()]
         for i, state in enumerate(fresh):
             for key in state:
@@ -129,9 +140,14 @@ class Optimizer:
                 if arr.shape != state[key].shape:
                     raise ValueError(f"optimizer state {name!r} has shape {arr.shape}, "
                                      f"expected {state[key].shape}")
-                if arr.dtype.kind not in "biuf" or not np.all(np.isfinite(arr)):
-                    raise ValueError(f"optimizer state {name!r} must hold finite numbers "
-                                     f"(dtype {arr.dtype})")
+                if arr.dtype != state[key].dtype:
+                    raise ValueError(f"optimizer state {name!r} has dtype {arr.dtype}, "
+                                     f"expected {state[key].dtype} (the model's)")
+                if not np.all(np.isfinite(arr)):
+                    raise ValueError(f"optimizer state {name!r} must hold finite numbers")
+                if key in self._nonnegative_state and np.any(arr < 0):
+                    raise ValueError(f"optimizer state {name!r} must be >= 0 (a running "
+                                     "mean of squares)")
                 state[key][...] = arr
         self._model_ref = None
         self._state = fresh
@@ -198,7 +214,10 @@ class Adam(Optimizer):
                       real_number(betas[1], "betas[1]", low=0, high=1, high_open=True))
         self.eps = real_number(eps, "eps", low=0, low_open=True)
         self.weight_decay = real_number(weight_decay, "weight_decay", low=0)
-        self.decoupled_weight_decay = bool(decoupled_weight_decay)
+        self.decoupled_weight_decay = check_bool(decoupled_weight_decay,
+                                                 "decoupled_weight_decay")
+
+    _nonnegative_state = ("exp_avg_sq",)
 
     def _new_state(self, param):
         return {"exp_avg": _memory.zeros(param.size, param.dtype),

@@ -29,6 +29,7 @@ from .callbacks import EarlyStopping
 from .layers import Dense
 from .model import Sequential
 from .optim import SGD, Adam
+from ._validation import check_bool
 
 __all__ = ["NNClassifier", "NNRegressor"]
 
@@ -147,7 +148,7 @@ class _NNBase(BaseEstimator):
         self.history_ = model.fit(
             X, T, loss=loss, optimizer=self._optimizer(), epochs=self.epochs,
             batch_size=self._batch_size(X.shape[0]), accumulate=self.accumulate,
-            shuffle=bool(self.shuffle), seed=fit_seed, validation_data=validation,
+            shuffle=check_bool(self.shuffle, "shuffle"), seed=fit_seed, validation_data=validation,
             callbacks=callbacks, verbose=self.verbose)
         self.model_ = model
         self.n_iter_ = self.history_.epochs

@@ -194,9 +194,17 @@ def fit(model, X, y, loss=None, optimizer=None, epochs=1, batch_size=32, accumul
     model for the next fit).
     """
     with model._guard:  # one thread per model (RuntimeError otherwise)
-        return _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate, shuffle,
-                    seed, drop_last, validation_data, callbacks, verbose, validation_split,
-                    checkpoint, checkpoint_every, resume)
+        if model._fitting:  # the guard lets the same thread in (a callback may predict)
+            raise RuntimeError("fit was called on a model that is inside fit already (from "
+                               "a callback?); the outer fit's history and accumulated "
+                               "gradients would be lost: fit a copy, or train after fit")
+        model._fitting = True
+        try:
+            return _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate,
+                        shuffle, seed, drop_last, validation_data, callbacks, verbose,
+                        validation_split, checkpoint, checkpoint_every, resume)
+        finally:
+            model._fitting = False
 
 
 def _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate, shuffle, seed,
@@ -248,14 +256,16 @@ def _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate, shuffle, 
         Xv = as_matrix(validation_data[0], "validation_data[0]", model.dtype, model.n_inputs)
         val = (Xv,) + _losses.prepare_targets(name, validation_data[1], Xv.shape[0],
                                               model.n_outputs, model.dtype,
-                                              "validation_data[1]")
+                                              "validation_data[1]", "validation_data[0]")
     path, every, resume = _check_checkpoint_args(checkpoint, checkpoint_every, resume)
     opt = None if optimizer is None and resume else get_optimizer(optimizer)
     callbacks = check_callbacks(callbacks)
     shuffle = check_bool(shuffle, "shuffle")
     drop_last = check_bool(drop_last, "drop_last")
-    if isinstance(verbose, bool) or not isinstance(verbose, (int, np.integer)) or verbose < 0:
+    if isinstance(verbose, bool) or not isinstance(verbose, (int, np.integer)):
         raise TypeError(f"verbose must be 0, 1 or a larger integer, got {verbose!r}")
+    if verbose < 0:
+        raise ValueError(f"verbose must be 0, 1 or a larger integer, got {verbose!r}")
     if verbose:
         _ensure_log_handler()
 
