@@ -139,8 +139,8 @@ def parse_cases(workloads: str | None, cases: str | None):
                 bs = int(b)
             except ValueError:
                 raise ValueError(f"bad case {item!r}: batch size must be an integer") from None
-            if bs < 1:
-                raise ValueError(f"bad case {item!r}: batch size must be >= 1")
+            if not 1 <= bs <= 1 << 20:
+                raise ValueError(f"bad case {item!r}: batch size must be from 1 to {1 << 20}")
             if (w, bs) not in out:
                 out.append((w, bs))
         if not out:
@@ -855,6 +855,8 @@ def _positive_ints(text, what, parser):
         parser.error(f"{what} must be comma-separated integers, got {text!r}")
     if not vals or any(v < 1 for v in vals):
         parser.error(f"{what} must be positive integers, got {text!r}")
+    if max(vals) > nf._threads.MAX_THREADS:
+        parser.error(f"{what}: at most {nf._threads.MAX_THREADS} threads, got {max(vals)}")
     return list(dict.fromkeys(vals))
 
 
@@ -876,8 +878,8 @@ def main(argv=None) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     if rounds < 1:
         parser.error("--rounds must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
+    if args.threads is not None and not 1 <= args.threads <= nf._threads.MAX_THREADS:
+        parser.error(f"--threads must be from 1 to {nf._threads.MAX_THREADS}")
     baseline_threads = _positive_ints(args.baseline_threads, "--baseline-threads", parser)
     kinds = [k.strip().lower() for k in args.contenders.split(",") if k.strip()]
     bad = [k for k in kinds if k not in ("nnfast", "numpy", "torch")]
@@ -891,8 +893,10 @@ def main(argv=None) -> int:
                          "(pip install matplotlib, or pip install 'nnfast[plot]')")
     min_time = args.min_time if args.min_time is not None else (0.01 if args.quick else 0.25)
     max_time = args.max_time if args.max_time is not None else (0.1 if args.quick else 2.0)
-    if not (0 < min_time <= max_time):
-        parser.error("need 0 < --min-time <= --max-time")
+    if not (0 < min_time <= max_time <= 3600):
+        parser.error("need 0 < --min-time <= --max-time <= 3600 (seconds)")
+    if args.gemm_size is not None and not 1 <= args.gemm_size <= 16384:
+        parser.error(f"--gemm-size must be from 1 to 16384, got {args.gemm_size}")
     gemm_size = args.gemm_size or (512 if args.quick else 2048)
     probe_size = 256 if args.quick else 1024
     timing = Timing(min_time=min_time, max_time=max_time,

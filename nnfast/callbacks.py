@@ -255,6 +255,8 @@ class ModelCheckpoint(Callback):
         folder = _os.path.dirname(_os.path.abspath(self.path))
         if "{" not in folder and not _os.path.isdir(folder):
             raise FileNotFoundError(f"ModelCheckpoint: folder {folder!r} does not exist")
+        if self.optimizer is not None:   # before training, not at the first save
+            self.optimizer._check_fits(model)
         self._reset()
         self.model = model
 

@@ -406,6 +406,16 @@ def _check_options(args) -> None:
                 raise CLIError(f"{opt}: folder {folder} does not exist")
             if os.path.isdir(path):
                 raise CLIError(f"{opt}: {path} is a folder, give a file name")
+    outputs = [(opt, os.path.realpath(path)) for opt, path in
+               (("--save", args.save), ("--plot", args.plot), ("--checkpoint", args.checkpoint))
+               if path]
+    data = os.path.realpath(args.data) if args.data else None
+    for i, (opt, path) in enumerate(outputs):
+        if path == data:
+            raise CLIError(f"{opt} names the --data file {args.data}: it would be overwritten")
+        for other, path2 in outputs[i + 1:]:
+            if path == path2:
+                raise CLIError(f"{opt} and {other} name the same file {path}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401

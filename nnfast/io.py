@@ -173,6 +173,8 @@ def save(model, path, optimizer=None) -> None:
     if optimizer is not None and not isinstance(optimizer, Optimizer):
         raise TypeError("optimizer must be an nnfast Optimizer instance or None, got "
                         f"{type(optimizer).__name__}")
+    if optimizer is not None:
+        optimizer._check_fits(model)   # its state must be this model's, not another's
     atomic_write_npz(_fspath(path), model_arrays(model, optimizer))
 
 

@@ -53,10 +53,11 @@ class _ModelGuard:
     ``predict`` inside ``fit``); another thread gets a RuntimeError instead of waiting or
     silently corrupting the buffers."""
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_lock", "fitting")
 
     def __init__(self):
         self._lock = _thread.RLock()
+        self.fitting = False   # inside fit (training.py refuses a nested fit)
 
     def __enter__(self):
         if not self._lock.acquire(False):
@@ -141,7 +142,6 @@ class Sequential:
         self._workspace: Optional[Workspace] = None
         self._restart_copies = None       # fit's copies of the parameters (training.py)
         self._guard = _ModelGuard()
-        self._fitting = False             # inside fit (training.py refuses a nested fit)
         self.loss: Optional[str] = None   # loss of the last fit / compute_gradients
         self.history = None               # History of the latest fit (updated as it runs)
 
@@ -150,20 +150,22 @@ class Sequential:
         # are per instance
         state = dict(self.__dict__)
         state["_guard"] = None
-        state["_fitting"] = False
         state["_workspace"] = None
         state["_restart_copies"] = None
         return state
 
     def __setstate__(self, state):
-        self._fitting = False   # (files of versions before it had none)
         self.__dict__.update(state)
-        self._guard = _ModelGuard()
         # pickle's arrays start off a cache line; a shallow copy shares the layers (and
         # their aligned arrays, which must stay: a live plan points at them)
         for layer in self.layers:
             for name in ("W", "b", "dW", "db"):
                 setattr(layer, name, _memory.on_line(getattr(layer, name)))
+        # a shallow copy shares the layers' arrays, so it shares the guard too: one thread
+        # and one fit at a time across all of them
+        sharing = [m for layer in self.layers for m in _LAYER_OWNERS.get(layer, ())]
+        self._guard = sharing[0]._guard if sharing else _ModelGuard()
+        for layer in self.layers:
             _add_owner(layer, self)   # a copy's own layers, or a shallow copy's shared ones
 
     # --- description -------------------------------------------------------------------

@@ -28,9 +28,18 @@ class Optimizer:
         self._model_ref = None
 
     def _bind(self, model) -> None:
+        if self._check_fits(model):
+            return
+        self._model_ref = weakref.ref(model)
+        if not self._state:
+            self._state = [self._new_state(p) for p, _ in model._params_and_grads()]
+
+    def _check_fits(self, model) -> bool:
+        """ValueError unless this optimizer's state can serve ``model``; True when it is
+        bound to it already."""
         bound = self._model_ref() if self._model_ref is not None else None
         if bound is model:
-            return
+            return True
         if bound is not None:
             raise ValueError("this optimizer already holds the state of another model; "
                              "create a new optimizer for each model")
@@ -47,9 +56,7 @@ class Optimizer:
                 raise ValueError(f"this optimizer holds {', '.join(sorted(dtypes))} state, "
                                  f"which does not fit this {model.dtype.name} model; create "
                                  "a new optimizer for it")
-        self._model_ref = weakref.ref(model)
-        if not self._state:
-            self._state = [self._new_state(p) for p, _ in model._params_and_grads()]
+        return False
 
     def _binding(self):
         """The binding and state list, for ``_restore_binding`` (fit undoes its

@@ -96,6 +96,7 @@ class _NNBase(BaseEstimator):
         if not (bs is None or _is_auto(bs) or (isinstance(bs, numbers.Integral)
                                               and not isinstance(bs, bool) and bs >= 1)):
             raise ValueError(f"batch_size must be a positive int, 'auto' or None, got {bs!r}")
+        check_bool(self.early_stopping, "early_stopping")
         if self.early_stopping:
             vf = self.validation_fraction
             if isinstance(vf, bool) or not isinstance(vf, numbers.Real) or not 0 < vf < 1:

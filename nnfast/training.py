@@ -194,17 +194,19 @@ def fit(model, X, y, loss=None, optimizer=None, epochs=1, batch_size=32, accumul
     model for the next fit).
     """
     with model._guard:  # one thread per model (RuntimeError otherwise)
-        if model._fitting:  # the guard lets the same thread in (a callback may predict)
+        guard = model._guard   # shared by shallow copies, which share the arrays
+        if guard.fitting:  # the guard lets the same thread in (a callback may predict)
             raise RuntimeError("fit was called on a model that is inside fit already (from "
-                               "a callback?); the outer fit's history and accumulated "
-                               "gradients would be lost: fit a copy, or train after fit")
-        model._fitting = True
+                               "a callback?, or on a shallow copy sharing its layers); the "
+                               "outer fit's history and accumulated gradients would be "
+                               "lost: fit a deep copy, or train after fit")
+        guard.fitting = True
         try:
             return _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate,
                         shuffle, seed, drop_last, validation_data, callbacks, verbose,
                         validation_split, checkpoint, checkpoint_every, resume)
         finally:
-            model._fitting = False
+            guard.fitting = False
 
 
 def _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate, shuffle, seed,
@@ -222,7 +224,7 @@ def _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate, shuffle, 
                    and (batch_size is None or isinstance(batch_size, (int, np.integer))
                         and not isinstance(batch_size, bool) and batch_size > 0)
                    and model._backend.checks_batches(1 << 62 if batch_size is None
-                                                     else int(batch_size)))
+                                                     else min(int(batch_size), 1 << 62)))
     X = as_matrix(X, "X", model.dtype, model.n_inputs, finite=not defer_check)
     code, T, labels = _losses.prepare_targets(name, y, X.shape[0], model.n_outputs,
                                               model.dtype)
@@ -271,6 +273,9 @@ def _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate, shuffle, 
 
     rng = np.random.default_rng(check_seed(seed))
     n_iters = iterations_per_epoch(n, bs, drop_last)
+    # groups never span epochs, so more than an epoch's iterations is the same as all of
+    # them (and then fits the kernels' C int)
+    accumulate = min(accumulate, n_iters)
     sizes = np.minimum(bs, n - bs * np.arange(n_iters))      # rows of each iteration
     config = {"loss": name, "batch_size": int(bs), "accumulate": accumulate,
               "shuffle": bool(shuffle), "drop_last": bool(drop_last), "n_samples": int(n),

@@ -288,3 +288,103 @@ def test_checkpoint_path_formats_that_work(tmp_path, data):
     m = nf.Sequential(*layers(), seed=0)
     m.fit(X, y, loss="cross_entropy", epochs=2, callbacks=[cb], seed=0)
     assert sorted(p.name[:4] for p in tmp_path.iterdir()) == ["m-01", "m-02"]
+
+
+# --- second fuzzing pass ------------------------------------------------------------------
+def test_a_shallow_copy_shares_the_guard(backend, data):
+    X, y = data
+    model = nf.Sequential(*layers(), seed=0, backend=backend)
+    shallow = copy.copy(model)            # shares the layers' arrays
+    assert shallow._guard is model._guard
+    assert copy.deepcopy(model)._guard is not model._guard
+    errors = []
+
+    class Nested(nf.Callback):
+        def on_batch_end(self, iteration, logs):
+            try:
+                shallow.fit(X, y, loss="cross_entropy", optimizer=nf.SGD(0.0), shuffle=False)
+            except RuntimeError as exc:
+                errors.append(str(exc))
+
+    alone = copy.deepcopy(model)
+    args = dict(loss="cross_entropy", batch_size=16, accumulate=2, shuffle=False, epochs=1)
+    model.fit(X, y, optimizer=nf.SGD(0.1), callbacks=[Nested()], **args)
+    alone.fit(X, y, optimizer=nf.SGD(0.1), **args)
+    assert errors and "inside fit already" in errors[0]
+    for w, v in zip(model.get_weights(), alone.get_weights()):   # the outer step untouched
+        np.testing.assert_array_equal(w, v)
+
+
+@pytest.mark.parametrize("batch_size, accumulate", [(2 ** 63, 1), (2 ** 70, 1), (8, 2 ** 31),
+                                                    (8, 2 ** 63)])
+def test_huge_batch_size_and_accumulate_mean_all(backend, data, batch_size, accumulate):
+    X, y = data
+    a = nf.Sequential(*layers(), seed=0, backend=backend)
+    b = copy.deepcopy(a)
+    h = a.fit(X, y, loss="cross_entropy", batch_size=batch_size, accumulate=accumulate,
+              epochs=2, seed=0)
+    n_iters = nf.iterations_per_epoch(50, batch_size)
+    b.fit(X, y, loss="cross_entropy", batch_size=min(batch_size, 50), accumulate=n_iters,
+          epochs=2, seed=0)
+    assert h.steps == 2
+    for w, v in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(w, v)
+
+
+def test_save_refuses_another_models_optimizer(tmp_path, data):
+    X, y = data
+    other = nf.Sequential(nf.Dense(4, 16, activation="relu"), nf.Dense(16, 3,
+                          activation="softmax"), seed=0)
+    opt = nf.SGD(0.1, momentum=0.9)
+    other.fit(X, y, loss="cross_entropy", optimizer=opt)
+    m = nf.Sequential(*layers(), seed=0)
+    with pytest.raises(ValueError, match="state of another model"):
+        nf.save(m, tmp_path / "x.npz", optimizer=opt)
+    with pytest.raises(ValueError, match="state of another model"):
+        m.fit(X, y, loss="cross_entropy", callbacks=[nf.ModelCheckpoint(
+            str(tmp_path / "c.npz"), monitor="loss", optimizer=opt)])
+    assert list(tmp_path.iterdir()) == []
+    nf.save(other, tmp_path / "x.npz", optimizer=opt)      # its own model is fine
+
+
+def test_more_flags_must_be_bools(data):
+    X, y = data
+    from nnfast.datasets import train_test_split
+    for value in ("no", 1):
+        with pytest.raises(TypeError, match="stratify must be True or False"):
+            train_test_split(X, y, stratify=value)
+    with pytest.raises(ValueError, match="seed"):
+        train_test_split(X, y, seed=-1)
+    pytest.importorskip("sklearn")
+    from nnfast.sklearn import NNClassifier
+    with pytest.raises(TypeError, match="early_stopping"):
+        NNClassifier(early_stopping="no", epochs=1).fit(X, y)
+
+
+def test_cli_refuses_to_overwrite_its_data(tmp_path, capsys):
+    from nnfast import cli
+    data = tmp_path / "d.npz"
+    np.savez(data, X=np.random.default_rng(0).random((40, 4)), y=np.arange(40) % 2)
+    before = data.read_bytes()
+    for args in (["--checkpoint", str(data)], ["--save", str(data)],
+                 ["--save", str(tmp_path / "m.npz"), "--checkpoint", str(tmp_path / "m.npz")]):
+        assert cli.main(["train", "--quiet", "--epochs", "1", "--data", str(data)] + args) == 2
+        err = capsys.readouterr().err
+        assert ("--data file" in err or "same file" in err) and "Traceback" not in err
+    assert data.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--min-time", "1e308", "--max-time", "1e308"], "3600"),
+    (["--threads", "99999"], "--threads"),
+    (["--baseline-threads", "99999"], "at most"),
+    (["--gemm-size", "-5"], "--gemm-size"),
+    (["--cases", "B/99999999999999999999"], "batch size"),
+])
+def test_bench_option_limits(args, fragment, capsys):
+    from nnfast import bench
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick"] + args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err

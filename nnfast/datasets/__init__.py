@@ -122,6 +122,11 @@ def train_test_split(X, y, test_size=0.2, seed: Optional[int] = 0, stratify: boo
     if seed is not None and (isinstance(seed, (bool, np.bool_))
                              or not isinstance(seed, (int, np.integer))):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if seed is not None and seed < 0:
+        raise ValueError(f"seed must be a non-negative int or None, got {seed}")
+    if not isinstance(stratify, (bool, np.bool_)):
+        raise TypeError(f"stratify must be True or False, got {type(stratify).__name__} "
+                        f"{stratify!r}")
     n_test = _test_count(n, test_size)
     rng = np.random.default_rng(seed)
     if stratify:
