@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .._validation import check_bool, check_seed
+
 __all__ = ["load_digits", "train_test_split"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -119,14 +121,8 @@ def train_test_split(X, y, test_size=0.2, seed: Optional[int] = 0, stratify: boo
         raise ValueError(f"X has {n} rows but y has {y.shape[0]}")
     if n < 2:
         raise ValueError(f"need at least 2 samples to split, got {n}")
-    if seed is not None and (isinstance(seed, (bool, np.bool_))
-                             or not isinstance(seed, (int, np.integer))):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if seed is not None and seed < 0:
-        raise ValueError(f"seed must be a non-negative int or None, got {seed}")
-    if not isinstance(stratify, (bool, np.bool_)):
-        raise TypeError(f"stratify must be True or False, got {type(stratify).__name__} "
-                        f"{stratify!r}")
+    seed = check_seed(seed)
+    stratify = check_bool(stratify, "stratify")
     n_test = _test_count(n, test_size)
     rng = np.random.default_rng(seed)
     if stratify:
