@@ -56,7 +56,14 @@ def as_matrix(X, name: str, dtype, n_features: int | None = None,
 
 
 def as_array(value, name: str) -> np.ndarray:
-    """np.asarray, with ragged or otherwise unconvertible input named in the error."""
+    """np.asarray, with ragged or otherwise unconvertible input named in the error.
+
+    A masked array with masked entries is refused: np.asarray would train on the values
+    under the mask."""
+    if (isinstance(value, np.ma.MaskedArray) and value.mask is not np.ma.nomask
+            and value.mask.any()):
+        raise ValueError(f"{name} is a masked array with {int(np.ma.count_masked(value))} "
+                         "masked entries; fill them (e.g. .filled(0)) or drop those rows")
     try:
         return np.asarray(value)
     except (ValueError, TypeError) as exc:

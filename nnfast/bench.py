@@ -124,7 +124,7 @@ def case_samples(workload: str, batch: int, quick: bool = False) -> int:
 
 def parse_cases(workloads: str | None, cases: str | None):
     """The (workload, batch) pairs asked for, in table order."""
-    if cases:
+    if cases is not None:
         out = []
         for item in cases.split(","):
             item = item.strip()
@@ -146,11 +146,13 @@ def parse_cases(workloads: str | None, cases: str | None):
         if not out:
             raise ValueError("--cases named no case")
         return out
-    names = [w.strip().upper() for w in (workloads or ",".join(WORKLOADS)).split(",")
-             if w.strip()]
+    names = [w.strip().upper() for w in (",".join(WORKLOADS) if workloads is None
+                                         else workloads).split(",") if w.strip()]
+    if not names:
+        raise ValueError("--workloads named no workload")
     bad = [w for w in names if w not in WORKLOADS]
-    if bad or not names:
-        raise ValueError(f"unknown workload(s) {bad or names}; choose from "
+    if bad:
+        raise ValueError(f"unknown workload(s) {bad}; choose from "
                          f"{', '.join(WORKLOADS)}")
     return [(w, b) for w in dict.fromkeys(names) for b in BATCHES[w]]
 
@@ -885,6 +887,20 @@ def main(argv=None) -> int:
     bad = [k for k in kinds if k not in ("nnfast", "numpy", "torch")]
     if bad or not kinds:
         parser.error(f"--contenders: unknown {bad or kinds}; choose from nnfast,numpy,torch")
+    for opt, path in (("--json", args.json), ("--plot", args.plot)):
+        # before the cases run, not after minutes of them
+        if path is None:
+            continue
+        if path == "":
+            parser.error(f"{opt}: empty path")
+        if os.path.isdir(path):
+            parser.error(f"{opt}: {path} is a folder, give a file name")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            parser.error(f"{opt}: folder {folder} does not exist")
+    if args.json is not None and args.plot is not None and (
+            os.path.realpath(args.json) == os.path.realpath(args.plot)):
+        parser.error("--json and --plot name the same file")
     if args.plot:
         try:
             import matplotlib  # noqa: F401

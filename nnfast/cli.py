@@ -398,6 +398,10 @@ def _check_options(args) -> None:
                        "--backend cython")
     if (args.resume or args.checkpoint_every) and not args.checkpoint:
         raise CLIError("--resume and --checkpoint-every need --checkpoint PATH")
+    for opt, path in (("--data", args.data), ("--save", args.save), ("--plot", args.plot),
+                      ("--checkpoint", args.checkpoint)):
+        if path == "":   # not "the option left out"
+            raise CLIError(f"{opt}: empty path")
     for opt, path in (("--save", args.save), ("--plot", args.plot),
                       ("--checkpoint", args.checkpoint)):
         if path:

@@ -228,14 +228,26 @@ def read_npz(path):
     return header, arrays
 
 
+def _header_value(entry: dict, key: str, kind: type):
+    """``entry[key]``, which ``save`` wrote as a JSON ``kind`` (an int, not "8" or 8.0 or
+    true: what else would a tampered header mean?)."""
+    value = entry[key]
+    if type(value) is not kind:
+        raise TypeError(f"{key} must be a JSON {kind.__name__}, got {value!r}")
+    return value
+
+
 def model_from_header(header: dict, arrays: dict, backend=None, path="file"):
     from .layers import Dense
     from .model import Sequential
     try:
         cfg = header["model"]
-        layers = [Dense(int(l["in_features"]), int(l["units"]), activation=str(l["activation"]))
+        if not isinstance(cfg, dict) or not isinstance(cfg["layers"], list):
+            raise TypeError("model must be an object with a list of layers")
+        layers = [Dense(_header_value(l, "in_features", int), _header_value(l, "units", int),
+                        activation=_header_value(l, "activation", str))
                   for l in cfg["layers"]]
-        dtype = str(cfg["dtype"])
+        dtype = _header_value(cfg, "dtype", str)
         model_backend = backend or str(cfg.get("backend", "cython"))
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path!r} has an invalid model description ({exc})") from None

@@ -42,6 +42,15 @@ def _add_owner(layer, model) -> None:
     _LAYER_OWNERS.setdefault(layer, weakref.WeakSet()).add(model)
 
 
+def _refuse_inside_fit(model, call: str) -> None:
+    """``call`` changes the gradient sums (or the weights through them) that ``fit`` is
+    accumulating for its current step: refused from a callback inside ``fit``."""
+    if model._guard.fitting:
+        raise RuntimeError(f"{call} was called inside fit (from a callback?): it would change "
+                           "the gradient sums of the step fit is accumulating; use the "
+                           "low-level loop (compute_gradients, optimizer.step) outside fit")
+
+
 _IN_USE = ("this model is in use by another thread (fit, predict, evaluate, "
            "compute_gradients, an optimizer step or a weights call is running on it); use "
            "one model per thread or serialise the calls")
@@ -272,7 +281,9 @@ class Sequential:
 
         The buffers hold ``sum_i grad L_i`` and the number of samples seen, so several
         calls accumulate exactly (a short batch counts by its size). Returns the batch's
-        mean loss. Follow with ``optimizer.step(model)``."""
+        mean loss. Follow with ``optimizer.step(model)``. Refused (RuntimeError) inside
+        ``fit``, e.g. from a callback."""
+        _refuse_inside_fit(self, "compute_gradients")
         name = self._check_loss(loss)
         X = as_matrix(X, "X", self.dtype, self.n_inputs)
         code, T, labels = _losses.prepare_targets(name, y, X.shape[0], self.n_outputs,
@@ -307,7 +318,12 @@ class Sequential:
 
     @_exclusive
     def zero_grad(self) -> None:
-        """Clear the gradient sums and the sample count."""
+        """Clear the gradient sums and the sample count. Refused (RuntimeError) inside
+        ``fit``, e.g. from a callback."""
+        _refuse_inside_fit(self, "zero_grad")
+        self._zero_grad()
+
+    def _zero_grad(self) -> None:
         for layer in self.layers:
             layer.dW.fill(0)
             layer.db.fill(0)

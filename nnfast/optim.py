@@ -84,11 +84,22 @@ class Optimizer:
 
     def step(self, model) -> None:
         """Update ``model``'s parameters with its averaged accumulated gradient, then
-        clear the gradient sums. Raises ``ValueError`` if nothing was accumulated."""
+        clear the gradient sums. Raises ``ValueError`` if nothing was accumulated, and
+        ``RuntimeError`` inside ``fit`` (e.g. from a callback: fit takes its own steps)."""
         guard = getattr(model, "_guard", None)
         if guard is None:
             raise TypeError("optimizer.step(model): model must be an nnfast Sequential, "
                             f"got {type(model).__name__}")
+        with guard:   # another thread's fit: "in use"; this thread's (a callback): below
+            if guard.fitting:
+                raise RuntimeError("optimizer.step(model) was called inside fit (from a "
+                                   "callback?): fit takes its own steps; use the low-level "
+                                   "loop (compute_gradients, optimizer.step) outside fit")
+            self._step(model)
+
+    def _step(self, model) -> None:
+        """``step`` without the inside-fit check (fit's Python loop steps through here)."""
+        guard = model._guard
         # one thread per model, and Ctrl-C waits until every array is updated (a step
         # is all or nothing; see nnfast._interrupt)
         with guard, deferred_sigint():

@@ -344,7 +344,7 @@ def _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate, shuffle, 
     opt._bind(model)          # optimizer state exists from here on (restart copies it)
     restart = _Restart(model, opt, kept=True)
     model.history = hist
-    model.zero_grad()
+    model._zero_grad()
     pos = 0            # iterations of the current epoch done (fit's position in it)
     bar = None         # the epoch's progress bar (verbose), closed on the way out
     try:
@@ -464,7 +464,7 @@ def _fit(model, X, y, loss, optimizer, epochs, batch_size, accumulate, shuffle, 
         if open_group:
             del hist.batch_losses[len(hist.batch_losses) - open_group:]
             hist.iterations -= open_group
-        model.zero_grad()
+        model._zero_grad()
         try:
             exc.history = hist
         except AttributeError:  # pragma: no cover - exceptions without a __dict__
@@ -521,7 +521,7 @@ class _Restart:
         hist.steps = self.steps
         del hist.batch_losses[self.iterations:]
         hist.iterations = self.iterations
-        self.model.zero_grad()
+        self.model._zero_grad()
 
 
 def _kept_copies(model, arrays):

@@ -7,6 +7,10 @@ each once gave a silently wrong result, a wrong exception type or a half-changed
 * save's argument types, bytes and empty paths; the epoch-arithmetic helpers' arguments;
 * non-bool flags silently read as True; a fit nested inside a callback of a fit;
 * ModelCheckpoint paths that only failed after the first epoch.
+
+A third pass (2026-12-04): the low-level loop called from a callback inside fit, string
+widths in a model file's header, masked entries, empty command-line paths and bench
+output folders found missing only after the run.
 """
 import copy
 import gc
@@ -385,6 +389,121 @@ def test_bench_option_limits(args, fragment, capsys):
     from nnfast import bench
     with pytest.raises(SystemExit) as exc:
         bench.main(["--quick"] + args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+# --- third pass (2026-12-04) --------------------------------------------------------------
+def test_the_low_level_loop_is_refused_inside_fit(backend, data):
+    # a callback's zero_grad / compute_gradients / step between the micro-batches of an
+    # accumulation group would change the update fit is about to make
+    X, y = data
+    model = nf.Sequential(*layers(), seed=0, backend=backend)
+    reference = nf.Sequential(*layers(), seed=0, backend=backend)
+    opt = nf.SGD(lr=0.1)
+    errors = []
+
+    class Meddle(nf.Callback):
+        def on_batch_end(self, iteration, logs):
+            for call in (model.zero_grad,
+                         lambda: model.compute_gradients(X[:3], y[:3], "cross_entropy"),
+                         lambda: opt.step(model)):
+                try:
+                    call()
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+
+    kwargs = dict(loss="cross_entropy", batch_size=5, accumulate=3, epochs=2, seed=0)
+    model.fit(X, y, optimizer=nf.SGD(lr=0.1), callbacks=[Meddle()], **kwargs)
+    reference.fit(X, y, optimizer=nf.SGD(lr=0.1), **kwargs)
+    assert len(errors) == 3 * 20
+    assert all("inside fit" in e for e in errors)
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # outside fit the low-level loop works as before
+    model.compute_gradients(X, y, "cross_entropy")
+    opt.step(model)
+    model.zero_grad()
+    assert model.accumulated_samples == 0
+
+
+def _rewrite_header(src, dst, edit):
+    with zipfile.ZipFile(src) as z:
+        entries = {name: z.read(name) for name in z.namelist()}
+    import io as _io
+    head = np.load(_io.BytesIO(entries["header.npy"]))
+    header = json.loads(head.tobytes().decode())
+    edit(header)
+    buf = _io.BytesIO()
+    np.save(buf, np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+    entries["header.npy"] = buf.getvalue()
+    with zipfile.ZipFile(dst, "w") as z:
+        for name, blob in entries.items():
+            z.writestr(name, blob)
+
+
+@pytest.mark.parametrize("key, value", [("units", "3"), ("units", 3.0), ("units", True),
+                                        ("in_features", "4"), ("activation", 1)])
+def test_load_takes_header_widths_only_as_json_ints(tmp_path, key, value):
+    model = nf.Sequential(*layers(), seed=0)
+    good, bad = tmp_path / "m.npz", tmp_path / "bad.npz"
+    model.save(good)
+    layer = 1 if key == "units" else 0
+
+    def edit(header):
+        header["model"]["layers"][layer][key] = value
+    _rewrite_header(good, bad, edit)
+    with pytest.raises(ValueError, match=f"invalid model description.*{key}"):
+        nf.load(bad)
+    _rewrite_header(good, bad, lambda header: None)      # the rewrite itself is sound
+    for a, b in zip(nf.load(bad).get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_masked_entries_are_refused(backend, data):
+    X, y = data
+    model = nf.Sequential(*layers(), seed=0, backend=backend)
+    masked = np.ma.masked_array(X, mask=np.zeros(X.shape, dtype=bool))
+    masked[3, 1] = np.ma.masked
+    with pytest.raises(ValueError, match="X is a masked array with 1 masked"):
+        model.fit(masked, y, loss="cross_entropy", epochs=1)
+    with pytest.raises(ValueError, match="X is a masked array"):
+        model.predict(masked)
+    y_masked = np.ma.masked_array(y, mask=np.arange(50) == 7)
+    with pytest.raises(ValueError, match="y is a masked array"):
+        model.fit(X, y_masked, loss="cross_entropy", epochs=1)
+    # nothing masked: the same as the plain array
+    plain = nf.Sequential(*layers(), seed=0, backend=backend)
+    model.fit(np.ma.masked_array(X), y, loss="cross_entropy", epochs=1, seed=0)
+    plain.fit(X, y, loss="cross_entropy", epochs=1, seed=0)
+    for a, b in zip(model.get_weights(), plain.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cli_refuses_empty_paths(tmp_path, capsys):
+    from nnfast import cli
+    for opt in ("--data", "--save", "--plot", "--checkpoint"):
+        assert cli.main(["train", "--quiet", "--epochs", "1", opt, ""]) == 2
+        err = capsys.readouterr().err
+        assert f"{opt}: empty path" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--workloads", ""], "named no workload"),
+    (["--workloads", " , "], "named no workload"),
+    (["--cases", ""], "named no case"),
+    (["--json", ""], "--json: empty path"),
+    (["--json", "/nonexistent-folder/b.json"], "does not exist"),
+    (["--plot", "/nonexistent-folder/b.png"], "does not exist"),
+    (["--json", "."], "is a folder"),
+])
+def test_bench_output_and_case_options_checked_first(args, fragment, capsys):
+    from nnfast import bench
+    with pytest.raises(SystemExit) as exc:
+        # (the output checks with a case that would run: they come before it)
+        bench.main(["--quick"] + args if args[0] in ("--workloads", "--cases")
+                   else ["--quick", "--cases", "B/32"] + args)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err

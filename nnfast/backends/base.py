@@ -181,7 +181,7 @@ class Backend:
             group[0] += 1
             group[1] += m
             if group[0] == accumulate or it == n_iters - 1:
-                optimizer.step(model)
+                optimizer._step(model)
                 group[:] = 0
                 steps += 1
         return -1, steps
