@@ -172,6 +172,11 @@ cdef class NetworkPlan:
         iteration's backward pass (``_first_layer_step_forward_rows``)."""
         return self.net.fused_iterations
 
+    def forward(self, X, out):
+        """out = the last layer's activation of every row of X, in chunks of the plan's
+        capacity, in one nogil call (``predict``)."""
+        _plan_forward(self, X, out)
+
     def iteration(self, X, T, labels, int loss):
         """Forward, loss and backward of one batch (the gradient sums grow, no update).
         Returns the summed loss."""
@@ -206,6 +211,24 @@ cdef int _check_batch(NetworkPlan plan, Py_ssize_t m, Py_ssize_t d, Py_ssize_t t
     else:
         _check(tm == m and tk == n_out, "targets must be (rows, outputs)")
     return 0
+
+
+def _plan_forward(NetworkPlan plan, const floating[:, ::1] X, floating[:, ::1] out):
+    # IN  X: (n, inputs) rows to predict
+    # OUT out: (n, outputs), not one of the plan's buffers (checked by the caller)
+    cdef:
+        Py_ssize_t n = X.shape[0], start = 0, m
+        int L = plan.net.n_layers
+        int n_out = plan.net.width[L]
+    _check((sizeof(floating) == 8) == plan.is64, "array dtype differs from the model's")
+    _check(X.shape[1] == plan.net.width[0], "X width differs from the first layer's")
+    _check(out.shape[0] == n and out.shape[1] == n_out, "out must be (rows, outputs)")
+    with nogil:
+        while start < n:
+            m = min(plan.capacity, n - start)
+            _net_forward(&plan.net, &X[start, 0], m, False, L)
+            memcpy(&out[start, 0], plan.net.A[L - 1], m * n_out * sizeof(floating))
+            start += m
 
 
 def _plan_iteration(NetworkPlan plan, const floating[:, ::1] X, const floating[:, ::1] T,

@@ -9,6 +9,17 @@ _FINITE_CHUNK_ROWS = 8192  # bounded temporary for the NaN/inf scan
 _COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+_KERNELS = []   # [the compiled kernels module or None], filled on first use
+
+
+def _compiled_kernels():
+    # looked up once: an import statement per call cost a one-row predict 5 %
+    if not _KERNELS:
+        from ._compiled import kernels
+        _KERNELS.append(kernels)
+    return _KERNELS[0]
+
+
 def check_finite(arr: np.ndarray, name: str) -> None:
     """Raise ValueError if ``arr`` holds NaN or inf.
 
@@ -19,7 +30,7 @@ def check_finite(arr: np.ndarray, name: str) -> None:
     if arr.dtype.kind not in "fc":
         return
     if arr.dtype in _COMPILED_DTYPES and arr.flags.c_contiguous:
-        from ._compiled import kernels
+        kernels = _compiled_kernels()
         if kernels is not None:
             if not kernels.all_finite(arr.reshape(-1)):
                 raise ValueError(f"{name} contains NaN or infinity")
@@ -74,8 +85,11 @@ def cast_finite(arr: np.ndarray, dtype, name: str, finite: bool = True) -> np.nd
     """C-contiguous copy (only if needed) in ``dtype``, checked for NaN/inf (unless
     ``finite`` is False and no copy was needed); finite values too large for ``dtype`` are
     reported as such, not as infinities."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = np.ascontiguousarray(arr, dtype=dtype)
+    if arr.dtype == dtype and arr.flags.c_contiguous:
+        out = arr
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.ascontiguousarray(arr, dtype=dtype)
     if out is arr and not finite:
         return out
     try:

@@ -228,13 +228,12 @@ class Sequential:
         X = as_matrix(X, "X", self.dtype, self.n_inputs)
         n = X.shape[0]
         out = np.empty((n, self.n_outputs), dtype=self.dtype)
-        step = self._chunk_rows()
-        ws = self._workspace_for(min(n, step))
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            Z, A, _ = ws.rows(stop - start)
-            out[start:stop] = self._backend.forward(self.layers, X[start:stop], Z, A)
-        return out
+        # the training workspace when there is one (its rows are the chunk), else one of
+        # at most _CHUNK_ELEMS values a layer
+        ws = self._workspace
+        if ws is None or ws.capacity < n:
+            ws = self._workspace_for(min(n, self._chunk_rows()))
+        return self._backend.predict(self.layers, X, ws, out)
 
     @_exclusive
     def evaluate(self, X, y, loss: Optional[str] = None) -> dict:

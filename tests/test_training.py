@@ -786,3 +786,48 @@ def test_overflowing_validation_loss_is_reported_not_raised(backend):
     assert math.isfinite(hist.history["val_loss"][0])
     assert not math.isfinite(hist.history["val_loss"][-1])
     assert np.array_equal(now, hist.history["val_loss"][-1], equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_predict_in_chunks_of_the_workspace(dtype, chunk, monkeypatch):
+    # predict's workspace holds `chunk` rows (chunks of at most _CHUNK_ELEMS values a
+    # layer); the compiled predict runs all the chunks in one call (NetworkPlan.forward):
+    # the hand loops for small chunks, gemm for large ones, a short last chunk; each row
+    # must come out as the NumPy backend's
+    from nnfast import model as model_module
+    monkeypatch.setattr(model_module, "_CHUNK_ELEMS", 96 * chunk)   # 96: the widest layer
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((150, 20)).astype(dtype)
+    fast, ref = [nf.Sequential(nf.Dense(20, 96, activation="relu"),
+                               nf.Dense(96, 33, activation="tanh"),
+                               nf.Dense(33, 4, activation="softmax"),
+                               dtype=dtype, seed=5, backend=b) for b in BACKENDS]
+    tol = dict(rtol=2e-4, atol=1e-5) if dtype == "float32" else dict(rtol=1e-10, atol=1e-12)
+    P = fast.predict(X)
+    assert fast._workspace.capacity == chunk and P.shape == (150, 4) and P.dtype == dtype
+    np.testing.assert_allclose(P, ref.predict(X), **tol)
+    np.testing.assert_allclose(P.sum(axis=1), 1.0, rtol=1e-5)
+    for n in (1, chunk, chunk + 1):
+        np.testing.assert_allclose(fast.predict(X[:n]), P[:n], **tol)
+    # a larger workspace (a fit's batches) serves predict as it is
+    fast.compute_gradients(X[:100], np.arange(100) % 4, "cross_entropy")
+    fast.zero_grad()
+    np.testing.assert_allclose(fast.predict(X), P, **tol)
+    assert fast._workspace.capacity == 100
+
+
+def test_the_plans_forward_checks_its_arrays():
+    model = nf.Sequential(nf.Dense(6, 5, activation="relu"), nf.Dense(5, 3), seed=0)
+    model.predict(np.zeros((4, 6), np.float32))
+    plan = model._backend._plan(model.layers, model._workspace)
+    X = np.ones((4, 6), np.float32)
+    with pytest.raises(ValueError, match="out must be"):
+        plan.forward(X, np.empty((4, 2), np.float32))
+    with pytest.raises(ValueError, match="X width"):
+        plan.forward(np.ones((4, 5), np.float32), np.empty((4, 3), np.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        plan.forward(X.astype(np.float64), np.empty((4, 3), np.float64))
+    out = np.empty((4, 3), np.float32)
+    plan.forward(X, out)
+    np.testing.assert_allclose(out, model.predict(X), rtol=1e-6)

@@ -99,6 +99,16 @@ class Backend:
             inp = a
         return inp
 
+    def predict(self, layers, X, ws, out):
+        """out = the last activation of every row of X, through ``ws`` in chunks of its
+        capacity; returns out."""
+        n = X.shape[0]
+        for start in range(0, n, ws.capacity):
+            stop = min(n, start + ws.capacity)
+            Z, A, _ = ws.rows(stop - start)
+            out[start:stop] = self.forward(layers, X[start:stop], Z, A)
+        return out
+
     def accumulate_gradients(self, layers, X, T, labels, loss, ws, m):
         """One iteration on a batch of ``m`` rows: forward, loss, backward.
 

@@ -47,6 +47,11 @@ class CythonBackend(Backend):
                 [l.db for l in layers], ws.Z, ws.A, ws.G, [l.activation_code for l in layers])
         return ws.plan
 
+    def predict(self, layers, X, ws, out):
+        # every chunk of rows in one nogil call, on the training step's forward kernels
+        self._plan(layers, ws).forward(X, out)
+        return out
+
     def accumulate_gradients(self, layers, X, T, labels, loss, ws, m):
         return self._plan(layers, ws).iteration(X, T, labels, loss)
 
