@@ -17,6 +17,7 @@ from ._validation import positive_int as _positive_int
 # Activation codes, shared with the kernels (nnfast/_kernels.pyx: enum Activation).
 IDENTITY, RELU, LEAKY_RELU, TANH, SIGMOID, SOFTMAX = range(6)
 LEAKY_SLOPE = 0.01  # PyTorch's default negative slope
+_INIT_BLOCK = 1 << 20  # values of W drawn at a time by build (8 MB of float64)
 
 ACTIVATIONS = {
     "identity": IDENTITY,
@@ -70,8 +71,14 @@ class Dense:
     def build(self, rng: np.random.Generator, dtype) -> None:
         """Draw W (in float64, then cast) and zero b and the gradient sums."""
         limit = self.init_limit()
-        self.W = _memory.copy(
-            rng.uniform(-limit, limit, size=(self.in_features, self.units)).astype(dtype))
+        self.W = _memory.empty((self.in_features, self.units), dtype)
+        # in blocks of rows: the generator's stream is the same as one draw of the whole
+        # W (the same weights for a seed), and the float64 temporary stays small instead
+        # of twice the size of a float32 W
+        rows = max(1, _INIT_BLOCK // self.units)
+        for r in range(0, self.in_features, rows):
+            block = self.W[r:r + rows]
+            block[...] = rng.uniform(-limit, limit, size=block.shape)
         self.b = _memory.zeros(self.units, dtype)
         self.dW = _memory.zeros(self.W.shape, dtype)
         self.db = _memory.zeros(self.units, dtype)

@@ -831,3 +831,35 @@ def test_the_plans_forward_checks_its_arrays():
     out = np.empty((4, 3), np.float32)
     plan.forward(X, out)
     np.testing.assert_allclose(out, model.predict(X), rtol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1, 50, 1000, 1 << 20])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_initial_weights_drawn_in_blocks_are_one_draw(dtype, block, monkeypatch):
+    # build draws W in blocks of rows (at least one row: a block smaller than a row still
+    # takes whole rows); the generator's stream makes that the single draw of DESIGN §3
+    from nnfast import layers as layers_module
+    monkeypatch.setattr(layers_module, "_INIT_BLOCK", block)
+    model = nf.Sequential(nf.Dense(37, 90, activation="relu"), nf.Dense(90, 3),
+                          dtype=dtype, seed=7)
+    rng = np.random.default_rng(7)
+    for W, (fan_in, fan_out, he) in zip(model.get_weights()[::2],
+                                        [(37, 90, True), (90, 3, False)]):
+        limit = math.sqrt(6 / fan_in) if he else math.sqrt(6 / (fan_in + fan_out))
+        np.testing.assert_array_equal(
+            W, rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype(dtype))
+
+
+def test_building_a_large_layer_needs_no_float64_copy_of_it():
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        model = nf.Sequential(nf.Dense(2048, 2048), seed=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    w_bytes = model.layers[0].W.nbytes            # 16 MB in float32
+    # W and dW, plus one block of the draw (8 MB of float64); drawn whole, the float64
+    # temporary alone would be 2 * w_bytes more
+    assert peak - base < 2 * w_bytes + 10e6, f"peak {(peak - base) / 1e6:.1f} MB"
