@@ -177,6 +177,11 @@ cdef class NetworkPlan:
         capacity, in one nogil call (``predict``)."""
         _plan_forward(self, X, out)
 
+    def forward_rows(self, X):
+        """The forward pass of X's rows (at most the capacity) into the plan's Z and A
+        rows, in one nogil call (``evaluate``)."""
+        _plan_forward_rows(self, X)
+
     def iteration(self, X, T, labels, int loss):
         """Forward, loss and backward of one batch (the gradient sums grow, no update).
         Returns the summed loss."""
@@ -229,6 +234,17 @@ def _plan_forward(NetworkPlan plan, const floating[:, ::1] X, floating[:, ::1] o
             _net_forward(&plan.net, &X[start, 0], m, False, L)
             memcpy(&out[start, 0], plan.net.A[L - 1], m * n_out * sizeof(floating))
             start += m
+
+
+def _plan_forward_rows(NetworkPlan plan, const floating[:, ::1] X):
+    # IN  X: (m, inputs), 1 <= m <= capacity
+    # OUT the plan's Z[l] and A[l], rows [:m]
+    cdef Py_ssize_t m = X.shape[0]
+    _check((sizeof(floating) == 8) == plan.is64, "array dtype differs from the model's")
+    _check(X.shape[1] == plan.net.width[0], "X width differs from the first layer's")
+    _check(1 <= m <= plan.capacity, "rows must be in [1, capacity]")
+    with nogil:
+        _net_forward(&plan.net, &X[0, 0], m, False, plan.net.n_layers)
 
 
 def _plan_iteration(NetworkPlan plan, const floating[:, ::1] X, const floating[:, ::1] T,

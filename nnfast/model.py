@@ -221,6 +221,15 @@ class Sequential:
         widest = max(max(layer.units for layer in self.layers), self.n_inputs)
         return max(1, _CHUNK_ELEMS // widest)
 
+    def _inference_workspace(self, n: int) -> Workspace:
+        """The workspace predict and evaluate take ``n`` rows through, in chunks of its
+        capacity: the training one when there is one, else one of at most _CHUNK_ELEMS
+        values a layer."""
+        ws = self._workspace
+        if ws is None or ws.capacity < n:
+            ws = self._workspace_for(min(n, self._chunk_rows()))
+        return ws
+
     @_exclusive
     def predict(self, X) -> np.ndarray:
         """The last layer's activation for every row of ``X`` (probabilities for softmax
@@ -228,12 +237,7 @@ class Sequential:
         X = as_matrix(X, "X", self.dtype, self.n_inputs)
         n = X.shape[0]
         out = np.empty((n, self.n_outputs), dtype=self.dtype)
-        # the training workspace when there is one (its rows are the chunk), else one of
-        # at most _CHUNK_ELEMS values a layer
-        ws = self._workspace
-        if ws is None or ws.capacity < n:
-            ws = self._workspace_for(min(n, self._chunk_rows()))
-        return self._backend.predict(self.layers, X, ws, out)
+        return self._backend.predict(self.layers, X, self._inference_workspace(n), out)
 
     @_exclusive
     def evaluate(self, X, y, loss: Optional[str] = None) -> dict:
@@ -249,8 +253,8 @@ class Sequential:
 
     def _evaluate_prepared(self, X, code, T, labels, name) -> dict:
         n = X.shape[0]
-        step = self._chunk_rows()
-        ws = self._workspace_for(min(n, step))
+        ws = self._inference_workspace(n)
+        step = ws.capacity
         total = 0.0
         correct = 0
         last_act = self.layers[-1].activation_code
@@ -259,8 +263,8 @@ class Sequential:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             for start in range(0, n, step):
                 stop = min(n, start + step)
-                Z, A, G = ws.rows(stop - start)
-                out = self._backend.forward(self.layers, X[start:stop], Z, A)
+                Z, A, G = self._backend.forward_rows(self.layers, X[start:stop], ws)
+                out = A[-1]
                 Tc = T[start:stop] if T.shape[0] else T
                 lc = labels[start:stop] if labels.shape[0] else labels
                 total += self._backend.loss_gradient(Z[-1], out, Tc, lc, G[-1], code,

@@ -863,3 +863,40 @@ def test_building_a_large_layer_needs_no_float64_copy_of_it():
     # W and dW, plus one block of the draw (8 MB of float64); drawn whole, the float64
     # temporary alone would be 2 * w_bytes more
     assert peak - base < 2 * w_bytes + 10e6, f"peak {(peak - base) / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk", [5, 64, 1 << 14])
+def test_evaluate_sees_the_outputs_predict_returns(backend, chunk, monkeypatch):
+    # both run the same forward pass over the same chunks of rows (forward_rows /
+    # NetworkPlan.forward on the compiled backend)
+    from nnfast import model as model_module
+    monkeypatch.setattr(model_module, "_CHUNK_ELEMS", 40 * chunk)   # 40: the widest layer
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((301, 12)).astype(np.float32)
+    y = rng.integers(0, 5, 301)
+    model = nf.Sequential(nf.Dense(12, 40, activation="relu"),
+                          nf.Dense(40, 5, activation="softmax"), seed=1, backend=backend)
+    res = model.evaluate(X, y, loss="cross_entropy")
+    P = model.predict(X)
+    assert res["accuracy"] == np.mean(P.argmax(axis=1) == y)
+    expected = -np.mean(np.log(P.astype(np.float64)[np.arange(301), y]))
+    assert res["loss"] == pytest.approx(expected, rel=1e-5)
+    mse = nf.Sequential(nf.Dense(12, 40, activation="relu"), nf.Dense(40, 5),
+                        seed=1, backend=backend)
+    T = rng.standard_normal((301, 5)).astype(np.float32)
+    expected = np.mean(np.sum((mse.predict(X).astype(np.float64) - T) ** 2, axis=1)) / 2
+    assert mse.evaluate(X, T, loss="mse")["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_plans_forward_rows_checks_its_rows():
+    model = nf.Sequential(nf.Dense(6, 5, activation="relu"), nf.Dense(5, 3), seed=0)
+    model.predict(np.zeros((4, 6), np.float32))
+    plan = model._backend._plan(model.layers, model._workspace)
+    with pytest.raises(ValueError, match="capacity"):
+        plan.forward_rows(np.ones((5, 6), np.float32))
+    with pytest.raises(ValueError, match="X width"):
+        plan.forward_rows(np.ones((4, 7), np.float32))
+    plan.forward_rows(np.ones((3, 6), np.float32))
+    np.testing.assert_allclose(model._workspace.A[-1][:3],
+                               model.predict(np.ones((3, 6), np.float32)), rtol=1e-6)

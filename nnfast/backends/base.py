@@ -99,14 +99,20 @@ class Backend:
             inp = a
         return inp
 
+    def forward_rows(self, layers, X, ws):
+        """The forward pass of X's rows (at most ``ws.capacity``) into ``ws``; returns
+        ``ws.rows(len(X))``, whose Z[-1] and A[-1] are the output layer's."""
+        Z, A, G = ws.rows(X.shape[0])
+        self.forward(layers, X, Z, A)
+        return Z, A, G
+
     def predict(self, layers, X, ws, out):
         """out = the last activation of every row of X, through ``ws`` in chunks of its
         capacity; returns out."""
         n = X.shape[0]
         for start in range(0, n, ws.capacity):
             stop = min(n, start + ws.capacity)
-            Z, A, _ = ws.rows(stop - start)
-            out[start:stop] = self.forward(layers, X[start:stop], Z, A)
+            out[start:stop] = self.forward_rows(layers, X[start:stop], ws)[1][-1]
         return out
 
     def accumulate_gradients(self, layers, X, T, labels, loss, ws, m):

@@ -47,8 +47,13 @@ class CythonBackend(Backend):
                 [l.db for l in layers], ws.Z, ws.A, ws.G, [l.activation_code for l in layers])
         return ws.plan
 
+    # predict and evaluate on the training step's forward kernels (_net_forward)
+    def forward_rows(self, layers, X, ws):
+        self._plan(layers, ws).forward_rows(X)
+        return ws.rows(X.shape[0])
+
     def predict(self, layers, X, ws, out):
-        # every chunk of rows in one nogil call, on the training step's forward kernels
+        # every chunk of rows in one nogil call
         self._plan(layers, ws).forward(X, out)
         return out
 
