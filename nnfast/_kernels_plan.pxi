@@ -218,15 +218,21 @@ cdef int _check_batch(NetworkPlan plan, Py_ssize_t m, Py_ssize_t d, Py_ssize_t t
     return 0
 
 
+cdef int _check_forward_input(NetworkPlan plan, Py_ssize_t d, bint is64) except -1:
+    _check(is64 == plan.is64, "array dtype differs from the model's")
+    _check(d == plan.net.width[0], "X width differs from the first layer's")
+    return 0
+
+
 def _plan_forward(NetworkPlan plan, const floating[:, ::1] X, floating[:, ::1] out):
     # IN  X: (n, inputs) rows to predict
-    # OUT out: (n, outputs), not one of the plan's buffers (checked by the caller)
+    # OUT out: (n, outputs), none of the plan's buffers (predict passes a new array; the
+    #     plan is not public API)
     cdef:
         Py_ssize_t n = X.shape[0], start = 0, m
         int L = plan.net.n_layers
         int n_out = plan.net.width[L]
-    _check((sizeof(floating) == 8) == plan.is64, "array dtype differs from the model's")
-    _check(X.shape[1] == plan.net.width[0], "X width differs from the first layer's")
+    _check_forward_input(plan, X.shape[1], sizeof(floating) == 8)
     _check(out.shape[0] == n and out.shape[1] == n_out, "out must be (rows, outputs)")
     with nogil:
         while start < n:
@@ -240,8 +246,7 @@ def _plan_forward_rows(NetworkPlan plan, const floating[:, ::1] X):
     # IN  X: (m, inputs), 1 <= m <= capacity
     # OUT the plan's Z[l] and A[l], rows [:m]
     cdef Py_ssize_t m = X.shape[0]
-    _check((sizeof(floating) == 8) == plan.is64, "array dtype differs from the model's")
-    _check(X.shape[1] == plan.net.width[0], "X width differs from the first layer's")
+    _check_forward_input(plan, X.shape[1], sizeof(floating) == 8)
     _check(1 <= m <= plan.capacity, "rows must be in [1, capacity]")
     with nogil:
         _net_forward(&plan.net, &X[0, 0], m, False, plan.net.n_layers)

@@ -112,7 +112,8 @@ class Backend:
         n = X.shape[0]
         for start in range(0, n, ws.capacity):
             stop = min(n, start + ws.capacity)
-            out[start:stop] = self.forward_rows(layers, X[start:stop], ws)[1][-1]
+            _, A, _ = self.forward_rows(layers, X[start:stop], ws)
+            out[start:stop] = A[-1]
         return out
 
     def accumulate_gradients(self, layers, X, T, labels, loss, ws, m):
