@@ -20,25 +20,32 @@ def _compiled_kernels():
     return _KERNELS[0]
 
 
-def check_finite(arr: np.ndarray, name: str) -> None:
-    """Raise ValueError if ``arr`` holds NaN or inf.
+def all_finite(arr: np.ndarray) -> bool:
+    """Whether ``arr`` holds no NaN or inf.
 
     Contiguous float32/float64 arrays are scanned by the compiled kernels where they are
-    built (one pass over the bits: 60,000 x 784 float32 in 5.5 ms against 8.9 ms for the
-    chunks below); anything else in chunks of rows with NumPy, whose temporary stays
-    bounded."""
+    built (one pass over the bits, one thread: 60,000 x 784 float32 in 5.5 ms against
+    8.9 ms for the chunks below). No BLAS call: a threaded one (NumPy's ``dot`` of a
+    float64 parameter array, say) leaves its worker threads spinning for a while
+    afterwards, on the cores the next training kernel runs on. Anything else is scanned
+    in chunks of rows with NumPy, whose temporary stays bounded."""
     if arr.dtype.kind not in "fc":
-        return
+        return True
     if arr.dtype in _COMPILED_DTYPES and arr.flags.c_contiguous:
         kernels = _compiled_kernels()
         if kernels is not None:
-            if not kernels.all_finite(arr.reshape(-1)):
-                raise ValueError(f"{name} contains NaN or infinity")
-            return
+            return bool(kernels.all_finite(arr.reshape(-1)))
     flat_rows = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(-1, 1)
     for start in range(0, flat_rows.shape[0], _FINITE_CHUNK_ROWS):
         if not np.isfinite(flat_rows[start:start + _FINITE_CHUNK_ROWS]).all():
-            raise ValueError(f"{name} contains NaN or infinity")
+            return False
+    return True
+
+
+def check_finite(arr: np.ndarray, name: str) -> None:
+    """Raise ValueError if ``arr`` holds NaN or inf."""
+    if not all_finite(arr):
+        raise ValueError(f"{name} contains NaN or infinity")
 
 
 def as_matrix(X, name: str, dtype, n_features: int | None = None,

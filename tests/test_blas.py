@@ -118,3 +118,53 @@ def test_a_build_imported_later_calls_the_same_blas():
                          text=True, check=True, cwd=os.path.dirname(__file__))
     count, every = out.stdout.split()
     assert int(count) >= 1 and every == "True"
+
+
+_NUMPY_PRODUCTS = {"dot", "vdot", "inner", "outer", "matmul", "tensordot", "einsum",
+                   "linalg.norm"}
+
+
+def _numpy_products_called(fn):
+    """Names of NumPy's product functions and methods (BLAS behind them) that fn() calls
+    from Python, as the profiler sees them."""
+    called = []
+
+    def profile(frame, event, arg):
+        if event == "c_call":
+            name = getattr(arg, "__name__", "")
+            if name in _NUMPY_PRODUCTS:
+                called.append(getattr(arg, "__qualname__", name))
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return called
+
+
+@pytest.mark.skipif(_kernels is None, reason="needs the compiled kernels")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_compiled_fit_makes_no_numpy_blas_call(dtype):
+    # NumPy's BLAS is threaded: after a call its workers spin for a while on the cores
+    # the next kernel runs on (a float64 dot per parameter array at each epoch's end
+    # once halved A/1's 2-thread speed)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 20)).astype(dtype)
+    y = rng.integers(0, 3, 300)
+    model = nf.Sequential(nf.Dense(20, 16, activation="relu"),
+                          nf.Dense(16, 3, activation="softmax"), dtype=dtype, seed=0)
+    opt = nf.Adam(1e-3)
+    called = _numpy_products_called(lambda: model.fit(
+        X, y, loss="cross_entropy", optimizer=opt, epochs=3, batch_size=32,
+        validation_data=(X[:50], y[:50]), verbose=0))
+    assert called == []
+    # the check that replaced those dots still finds an overflowed parameter
+    from nnfast.training import _Restart
+    restart = _Restart(model, opt)
+    assert restart.finite()
+    model.layers[0].W[3, 4] = np.inf
+    assert not restart.finite()
+    model.layers[0].W[3, 4] = 0
+    state = opt._state[1]
+    state[sorted(state)[0]].reshape(-1)[0] = np.nan
+    assert not restart.finite()
