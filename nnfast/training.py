@@ -601,7 +601,10 @@ def _restore(path, model, optimizer, config, data_crc, epochs, n_iters, rng, his
     if not isinstance(saved, dict):
         raise bad("no fit configuration")
     for key, value in config.items():
-        if saved.get(key) != value:
+        theirs = saved.get(key)
+        if key == "accumulate" and _is_int(theirs) and theirs > n_iters:
+            theirs = n_iters   # written before the clamp was stored: the same groups
+        if theirs != value:
             raise ValueError(f"checkpoint {path!r} was written by a fit with {key}="
                              f"{saved.get(key)!r}, this fit has {key}={value!r}; resume "
                              "needs the same configuration (or resume=False to start afresh)")

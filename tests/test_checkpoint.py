@@ -353,6 +353,33 @@ def test_resume_with_other_configuration_is_refused(tmp_path, change, key):
     assert opt.iterations == 0 and opt.state_arrays() == []
 
 
+@pytest.mark.parametrize("saved", [1000, 26])
+def test_accumulate_beyond_the_epoch_resumes_as_the_epoch(tmp_path, saved):
+    # a checkpoint of a build before the clamp was stored has the accumulate the user
+    # passed (1000); groups never span epochs, so it resumes as the clamped 26 does
+    X, y = make_data()                      # 203 rows in batches of 8: 26 iterations
+    kw = dict(FIT, accumulate=1000, epochs=2)
+    ckpt, old = tmp_path / "c.npz", tmp_path / "old.npz"
+    make_model().fit(X, y, optimizer=nf.SGD(lr=0.05), checkpoint=ckpt, **kw)
+    assert read_checkpoint(ckpt)[0]["checkpoint"]["config"]["accumulate"] == 26
+
+    def edit(h):
+        h["checkpoint"]["config"]["accumulate"] = saved
+    _rewrite(ckpt, old, header=edit)
+    longer = make_model()
+    h_long = longer.fit(X, y, optimizer=nf.SGD(lr=0.05), **dict(kw, epochs=4))
+    for accumulate in (1000, 26, 27):
+        c = make_model(seed=3)
+        h_c = c.fit(X, y, optimizer=nf.SGD(lr=0.05), checkpoint=old, resume=True,
+                    **dict(kw, epochs=4, accumulate=accumulate))
+        assert_same_weights(c.get_weights(), longer.get_weights())
+        assert history_dict(h_c) == history_dict(h_long)
+        _rewrite(ckpt, old, header=edit)     # (the resumed fit wrote its own)
+    with pytest.raises(ValueError, match="accumulate"):
+        make_model().fit(X, y, optimizer=nf.SGD(lr=0.05), checkpoint=old, resume=True,
+                         **dict(kw, epochs=4, accumulate=25))
+
+
 def test_resume_with_other_loss_is_refused(tmp_path):
     X, y = make_data()
     Y = np.eye(3)[y]
