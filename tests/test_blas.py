@@ -144,7 +144,7 @@ def _numpy_products_called(fn):
 
 @pytest.mark.skipif(_kernels is None, reason="needs the compiled kernels")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_a_compiled_fit_makes_no_numpy_blas_call(dtype):
+def test_compiled_fit_predict_and_evaluate_make_no_numpy_blas_call(dtype):
     # NumPy's BLAS is threaded: after a call its workers spin for a while on the cores
     # the next kernel runs on (a float64 dot per parameter array at each epoch's end
     # once halved A/1's 2-thread speed)
@@ -158,6 +158,8 @@ def test_a_compiled_fit_makes_no_numpy_blas_call(dtype):
         X, y, loss="cross_entropy", optimizer=opt, epochs=3, batch_size=32,
         validation_data=(X[:50], y[:50]), verbose=0))
     assert called == []
+    assert _numpy_products_called(lambda: (model.predict(X), model.evaluate(
+        X, y, loss="cross_entropy"))) == []
     # the check that replaced those dots still finds an overflowed parameter
     from nnfast.training import _Restart
     restart = _Restart(model, opt)
